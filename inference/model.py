@@ -1,0 +1,229 @@
+"""WideResNet for 50x50 H&E patches, and checkpoints that never unpickle arbitrary objects.
+
+A checkpoint is a ``torch.save`` of ``{"format": str, "meta": str (JSON), "state_dict": tensors}``
+and is loaded with ``torch.load(weights_only=True)``, which refuses any pickled class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FORMAT = "idc-viewer-checkpoint/1"
+
+
+class ModelError(Exception):
+    """A model file could not be used; the message is one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """WRN-depth-widen hyperparameters."""
+
+    depth: int = 16
+    widen: int = 2
+    dropout: float = 0.0
+    in_channels: int = 3
+    base: int = 16
+
+    def __post_init__(self) -> None:
+        if (self.depth - 4) % 6 or self.depth < 10:
+            raise ModelError(f"WideResNet depth must be 6n+4 (10, 16, 22...), not {self.depth}.")
+        if not 1 <= self.widen <= 16:
+            raise ModelError(f"WideResNet widen factor must be 1 to 16, not {self.widen}.")
+
+    @property
+    def name(self) -> str:
+        return f"WRN-{self.depth}-{self.widen}"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to use a checkpoint correctly, stored beside its weights."""
+
+    arch: Architecture = field(default_factory=Architecture)
+    patch_size: int = 50
+    mpp: float = 4.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    classes: tuple[str, str] = ("Non-IDC", "IDC")
+    threshold: float = 0.5
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMeta:
+        try:
+            d = json.loads(text)
+            arch = Architecture(**d.pop("arch"))
+            d["mean"], d["std"], d["classes"] = tuple(d["mean"]), tuple(d["std"]), tuple(d["classes"])
+            return cls(arch=arch, **d)
+        except ModelError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ModelError("The model file's metadata is malformed.") from exc
+
+
+class _Block(nn.Module):
+    """Pre-activation wide residual block."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.dropout = dropout
+        self.shortcut = (
+            nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False) if stride != 1 or c_in != c_out else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = F.relu(self.bn2(y))
+        if self.dropout:
+            y = F.dropout(y, self.dropout, self.training)
+        y = self.conv2(y)
+        return y + (self.shortcut(o) if self.shortcut is not None else x)
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k (Zagoruyko & Komodakis 2016) with one output logit (IDC)."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        n = (arch.depth - 4) // 6
+        widths = [arch.base, arch.base * arch.widen, 2 * arch.base * arch.widen, 4 * arch.base * arch.widen]
+        self.stem = nn.Conv2d(arch.in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks: list[nn.Module] = []
+        c_in = widths[0]
+        for g, stride in enumerate((1, 2, 2)):
+            for i in range(n):
+                blocks.append(_Block(c_in, widths[g + 1], stride if i == 0 else 1, arch.dropout))
+                c_in = widths[g + 1]
+        self.trunk = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.head = nn.Linear(c_in, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.trunk(self.stem(x))
+        x = F.relu(self.bn(x))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).squeeze(1)
+
+
+@dataclass
+class LoadedModel:
+    """A network with its metadata and the hash of the file it came from."""
+
+    net: WideResNet
+    meta: ModelMeta
+    sha256: str
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.meta.arch.name}-{self.sha256[:12]}"
+
+    def normalise(self, batch_u8: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n, h, w, 3) uint8 RGB -> normalised float (n, 3, h, w) on ``device``."""
+        t = torch.as_tensor(batch_u8).to(device, non_blocking=True)
+        t = t.permute(0, 3, 1, 2).float().div_(255)
+        mean = torch.tensor(self.meta.mean, device=t.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.meta.std, device=t.device).view(1, 3, 1, 1)
+        return (t - mean) / std
+
+
+def build(meta: ModelMeta) -> WideResNet:
+    return WideResNet(meta.arch)
+
+
+def save_checkpoint(path: str | os.PathLike[str], net: nn.Module, meta: ModelMeta) -> str:
+    """Write a checkpoint atomically; returns its sha256."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "meta": meta.to_json(), "state_dict": state}, buf)
+    data = buf.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
+    """Load a checkpoint safely; raises :class:`ModelError` with one sentence on any problem."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"The model file {path} cannot be read.") from exc
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError, zip errors...
+        raise ModelError(
+            f"{path.name} is not a valid model file (corrupt, or it contains code objects that are refused)."
+        ) from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ModelError(f"{path.name} is not an IDC Slide Viewer model checkpoint.")
+    meta = ModelMeta.from_json(obj.get("meta", ""))
+    net = build(meta)
+    try:
+        net.load_state_dict(obj["state_dict"], strict=True)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise ModelError(
+            f"{path.name} holds weights that do not match its declared architecture {meta.arch.name}."
+        ) from exc
+    net.eval().to(device)
+    return LoadedModel(net=net, meta=meta, sha256=hashlib.sha256(data).hexdigest())
+
+
+def shipped_model_path() -> Path:
+    """The model that ships with the app."""
+    from importlib.resources import files
+
+    return Path(str(files("resources") / "idc_wrn.pt"))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; an unavailable explicit choice is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("CUDA was requested but no CUDA GPU is available.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("MPS was requested but this machine has no Apple GPU.")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"Unknown device {name!r}; use auto, cpu, cuda or mps.")
+    return torch.device(name)

@@ -1,0 +1,312 @@
+"""Headless slide access: OpenSlide formats and plain images behind one small API.
+
+``Slide.read(rect_l0, size)`` returns RGB uint8 for any level-0 rectangle at any output size,
+choosing the pyramid level, reading, compositing over the background colour and resizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from inference.geometry import Rect, best_level, to_level
+
+log = logging.getLogger(__name__)
+
+#: Above this many level-0 pixels per side a file is treated as corrupt, not as a slide.
+MAX_SIDE_L0 = 2_000_000
+#: Plain images are decoded whole; refuse ones that would not fit in memory comfortably.
+MAX_PLAIN_PIXELS = 400_000_000
+PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+class SlideError(Exception):
+    """A slide could not be opened or read; the message is one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """Immutable description of an open slide (all sizes in pixels of the named level)."""
+
+    path: Path
+    vendor: str
+    dimensions: tuple[int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_from_file: bool
+    objective_power: float | None
+    background: tuple[int, int, int]
+    associated: tuple[str, ...]
+    properties: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+
+def _parse_float(value: str | None) -> float | None:
+    try:
+        out = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return out if out is not None and np.isfinite(out) and out > 0 else None
+
+
+def _parse_colour(value: str | None) -> tuple[int, int, int]:
+    try:
+        v = int(str(value), 16)
+        return (v >> 16) & 255, (v >> 8) & 255, v & 255
+    except (TypeError, ValueError):
+        return 255, 255, 255
+
+
+def composite_rgba(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Composite a non-premultiplied RGBA uint8 array over an opaque background colour."""
+    if rgba.shape[2] == 3:
+        return rgba
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.uint16)
+    bg = np.asarray(background, dtype=np.uint16)
+    out = (rgba[..., :3].astype(np.uint16) * a + bg * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an RGB uint8 array to ``size`` = (w, h) with area/bilinear filtering."""
+    w, h = size
+    if arr.shape[1] == w and arr.shape[0] == h:
+        return arr
+    img = Image.fromarray(arr)
+    shrinking = w < arr.shape[1] and h < arr.shape[0]
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    return np.asarray(img.resize((w, h), resample, reducing_gap=None if not shrinking else 2.0))
+
+
+class _Backend:
+    """What a slide format must provide; coordinates as in OpenSlide."""
+
+    def read_level(self, x_l0: int, y_l0: int, level: int, w_lv: int, h_lv: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def associated_image(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release file handles."""
+
+
+class _OpenSlideBackend(_Backend):
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self._os = openslide
+        try:
+            self.osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideError(f"{path.name} is not a slide or image format this app can read.") from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{path.name} is damaged or incomplete and cannot be opened.") from exc
+
+    def read_level(self, x_l0: int, y_l0: int, level: int, w_lv: int, h_lv: int) -> np.ndarray:
+        try:
+            img = self.osr.read_region((x_l0, y_l0), level, (w_lv, h_lv))
+        except self._os.OpenSlideError as exc:
+            raise SlideError("The slide file is damaged: a region could not be read.") from exc
+        return np.asarray(img)
+
+    def associated_image(self, name: str) -> np.ndarray:
+        return np.asarray(self.osr.associated_images[name].convert("RGB"))
+
+    def close(self) -> None:
+        self.osr.close()
+
+
+class _PlainImageBackend(_Backend):
+    """A PNG/JPEG/BMP held in memory with a small power-of-two pyramid built at open."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PLAIN_PIXELS:
+                    raise SlideError(f"{path.name} is too large to open as a plain image.")
+                img.load()
+                rgb = img.convert("RGB")
+        except SlideError:
+            raise
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise SlideError(f"{path.name} is damaged or not an image this app can read.") from exc
+        self.levels = [np.asarray(rgb)]
+        while min(self.levels[-1].shape[:2]) > 512:
+            prev = self.levels[-1]
+            self.levels.append(resize_rgb(prev, (prev.shape[1] // 2, prev.shape[0] // 2)))
+
+    def read_level(self, x_l0: int, y_l0: int, level: int, w_lv: int, h_lv: int) -> np.ndarray:
+        arr = self.levels[level]
+        ds_y = self.levels[0].shape[0] / arr.shape[0]
+        ds_x = self.levels[0].shape[1] / arr.shape[1]
+        x_lv, y_lv = round(x_l0 / ds_x), round(y_l0 / ds_y)
+        out = np.zeros((h_lv, w_lv, 4), np.uint8)
+        sx0, sy0 = max(0, x_lv), max(0, y_lv)
+        sx1, sy1 = min(arr.shape[1], x_lv + w_lv), min(arr.shape[0], y_lv + h_lv)
+        if sx1 > sx0 and sy1 > sy0:
+            out[sy0 - y_lv : sy1 - y_lv, sx0 - x_lv : sx1 - x_lv, :3] = arr[sy0:sy1, sx0:sx1]
+            out[sy0 - y_lv : sy1 - y_lv, sx0 - x_lv : sx1 - x_lv, 3] = 255
+        return out
+
+
+class Slide:
+    """An open slide. ``read`` is safe to call from several threads (OpenSlide is thread-safe,
+    plain images are read-only arrays)."""
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideError(f"{self.path} does not exist.")
+        if self.path.is_dir():
+            raise SlideError(f"{self.path} is a folder, not a slide file.")
+        if self.path.stat().st_size == 0:
+            raise SlideError(f"{self.path.name} is empty (0 bytes).")
+        suffix = self.path.suffix.lower()
+        self._backend: _Backend
+        if suffix in PLAIN_SUFFIXES:
+            self._backend = backend = _PlainImageBackend(self.path)
+            level_dims = tuple((lv.shape[1], lv.shape[0]) for lv in backend.levels)
+            props: dict[str, str] = {"openslide.vendor": "image"}
+        else:
+            self._backend = backend_os = _OpenSlideBackend(self.path)
+            osr = backend_os.osr
+            level_dims = tuple(osr.level_dimensions)
+            props = dict(osr.properties)
+        w0, h0 = level_dims[0]
+        if not (0 < w0 <= MAX_SIDE_L0 and 0 < h0 <= MAX_SIDE_L0):
+            self._backend.close()
+            raise SlideError(
+                f"{self.path.name} claims an impossible size of {w0} x {h0} pixels and looks corrupt."
+            )
+        downsamples = tuple(w0 / w for (w, _h) in level_dims)
+        if isinstance(self._backend, _OpenSlideBackend):
+            downsamples = tuple(float(d) for d in self._backend.osr.level_downsamples)
+            associated = tuple(sorted(self._backend.osr.associated_images.keys()))
+        else:
+            associated = ()
+        file_mpp = _parse_float(props.get("openslide.mpp-x"))
+        file_mpp_y = _parse_float(props.get("openslide.mpp-y"))
+        if file_mpp is not None and file_mpp_y is not None:
+            file_mpp = (file_mpp + file_mpp_y) / 2
+        self.info = SlideInfo(
+            path=self.path,
+            vendor=props.get("openslide.vendor", "unknown"),
+            dimensions=(w0, h0),
+            level_dimensions=level_dims,
+            level_downsamples=downsamples,
+            mpp=mpp if mpp is not None else file_mpp,
+            mpp_from_file=mpp is None and file_mpp is not None,
+            objective_power=_parse_float(props.get("openslide.objective-power")),
+            background=_parse_colour(props.get("openslide.background-color")),
+            associated=associated,
+            properties=props,
+        )
+        # A truncated file often opens but fails on its first pixel read: fail now, not later.
+        self._validate()
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.info.dimensions
+
+    @property
+    def mpp(self) -> float | None:
+        return self.info.mpp
+
+    def with_mpp(self, mpp: float) -> None:
+        """Set the resolution by hand (um per level-0 pixel) for slides that lack it."""
+        if not (np.isfinite(mpp) and 0.01 <= mpp <= 100):
+            raise SlideError(f"{mpp} um per pixel is not a plausible resolution (0.01 to 100).")
+        from dataclasses import replace
+
+        self.info = replace(self.info, mpp=float(mpp), mpp_from_file=False)
+
+    def fingerprint(self) -> str:
+        """Stable id of the slide's content: size, file size and the first and last 1 MiB."""
+        h = hashlib.sha256()
+        st = self.path.stat()
+        h.update(f"{self.info.dimensions}:{st.st_size}".encode())
+        with open(self.path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if st.st_size > 1 << 20:
+                f.seek(max(0, st.st_size - (1 << 20)))
+                h.update(f.read(1 << 20))
+        return h.hexdigest()[:16]
+
+    # -- reading ----------------------------------------------------------------------------
+    def read(self, rect_l0: Rect, size: tuple[int, int]) -> np.ndarray:
+        """Read level-0 rectangle ``rect_l0`` resized to ``size`` = (w, h); RGB uint8 (h, w, 3)."""
+        out_w, out_h = size
+        if rect_l0.is_empty or out_w <= 0 or out_h <= 0:
+            raise ValueError(f"empty read {rect_l0} -> {size}")
+        downsample = min(rect_l0.w / out_w, rect_l0.h / out_h)
+        level = best_level(self.info.level_downsamples, downsample)
+        ds = self.info.level_downsamples[level]
+        x_lv, y_lv, w_lv, h_lv = to_level(rect_l0, ds)
+        # Read the covering level region, then crop the exact sub-pixel window while resizing.
+        rgba = self._backend.read_level(round(x_lv * ds), round(y_lv * ds), level, w_lv, h_lv)
+        rgb = composite_rgba(rgba, self.info.background)
+        fx0, fy0 = rect_l0.x / ds - x_lv, rect_l0.y / ds - y_lv
+        fx1, fy1 = rect_l0.right / ds - x_lv, rect_l0.bottom / ds - y_lv
+        if (fx0, fy0, fx1, fy1) == (0, 0, w_lv, h_lv):
+            return resize_rgb(rgb, (out_w, out_h))
+        img = Image.fromarray(rgb)
+        shrinking = out_w < (fx1 - fx0) and out_h < (fy1 - fy0)
+        resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+        return np.asarray(img.resize((out_w, out_h), resample, box=(fx0, fy0, fx1, fy1)))
+
+    def read_at_mpp(self, rect_l0: Rect, mpp: float) -> np.ndarray:
+        """Read ``rect_l0`` at a physical resolution ``mpp`` (um per output pixel)."""
+        if self.mpp is None:
+            raise SlideError("The slide's resolution (MPP) is unknown; enter it first.")
+        scale = self.mpp / mpp
+        return self.read(rect_l0, (max(1, round(rect_l0.w * scale)), max(1, round(rect_l0.h * scale))))
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        """Whole slide as RGB with its longer side ``max_side`` pixels."""
+        w0, h0 = self.dimensions
+        scale = max_side / max(w0, h0)
+        return self.read(Rect(0, 0, w0, h0), (max(1, round(w0 * scale)), max(1, round(h0 * scale))))
+
+    def associated_image(self, name: str) -> np.ndarray:
+        """An associated image (label, macro, thumbnail) as RGB uint8."""
+        if name not in self.info.associated:
+            raise KeyError(name)
+        return self._backend.associated_image(name)
+
+    def _validate(self) -> None:
+        last = len(self.info.level_dimensions) - 1
+        w_lv, h_lv = self.info.level_dimensions[last]
+        try:
+            self._backend.read_level(0, 0, last, min(256, w_lv), min(256, h_lv))
+        except SlideError:
+            self.close()
+            raise
+        except Exception as exc:  # a decoder error surfaces in many types
+            self.close()
+            log.exception("validation read failed for %s", self.path)
+            raise SlideError(f"{self.path.name} is damaged: its pixels cannot be read.") from exc
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+    """Open a slide or plain image; raises :class:`SlideError` with a one-sentence message."""
+    return Slide(path, mpp=mpp)

@@ -1,0 +1,284 @@
+"""Training as a generator of small reports: the CLI prints them, the GUI plots them.
+
+Stopping early is closing the generator; the best checkpoint so far is already on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from inference import metrics as M
+from inference.model import (
+    Architecture,
+    LoadedModel,
+    ModelMeta,
+    WideResNet,
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+)
+from training.data import PatchSet, evaluation_weights, group_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (saved in the checkpoint's provenance)."""
+
+    out: str
+    arch: Architecture = field(default_factory=Architecture)
+    epochs: int = 12
+    samples_per_epoch: int = 8000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    patience: int = 4
+    seed: int = 0
+    device: str = "auto"
+    init: str | None = None
+    freeze_trunk: bool = False
+    augment: bool = True
+    resume: bool = False
+    mpp: float = 4.0
+    num_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+    patches_per_s: float
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    epochs: int
+    train_loss: float
+    val_loss: float
+    val: dict[str, float]
+    best: bool
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class DoneReport:
+    checkpoint: str
+    best_epoch: int
+    val: dict[str, float]
+    stopped_early: bool
+
+
+Report = StepReport | EpochReport | DoneReport
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """H&E augmentation on a float batch in [0, 1], (n, 3, h, w): dihedral + stain/colour jitter."""
+    n = x.shape[0]
+    dev = x.device
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip.view(n, 1, 1, 1).to(dev), x.flip(3), x)
+    k = torch.randint(0, 4, (n,), generator=gen)
+    out = x.clone()
+    for r in (1, 2, 3):
+        m = (k == r).to(dev)
+        if m.any():
+            out[m] = torch.rot90(x[m], r, (2, 3))
+    # Stain jitter in optical density space (per-sample, per-channel scale and shift).
+    od = -torch.log(out.clamp_min(1 / 255))
+    alpha = (1 + 0.08 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
+    beta = (0.03 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
+    out = torch.exp(-(od * alpha + beta))
+    # Brightness / contrast.
+    b = (1 + 0.08 * torch.randn(n, 1, 1, 1, generator=gen)).to(dev)
+    c = (1 + 0.08 * torch.randn(n, 1, 1, 1, generator=gen)).to(dev)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * c + mean * b).clamp(0, 1)
+
+
+def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+def _normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
+    mean = torch.tensor(meta.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(meta.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def predict_patches(
+    net: torch.nn.Module, meta: ModelMeta, images: np.ndarray, device: torch.device, batch: int = 256
+) -> np.ndarray:
+    """IDC probabilities for (n, h, w, 3) uint8 patches."""
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            x = _normalise(_to_float(images[i : i + batch], device), meta)
+            out.append(torch.sigmoid(net(x).float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def evaluate_model(model: LoadedModel, data: PatchSet, device: torch.device) -> dict[str, Any]:
+    """Metrics of a model on patches, patch-level and patient-weighted, at its threshold."""
+    p = predict_patches(model.net, model.meta, data.images, device)
+    return metrics_report(data, p, model.meta.threshold)
+
+
+def metrics_report(data: PatchSet, p: np.ndarray, threshold: float) -> dict[str, Any]:
+    w = evaluation_weights(data.groups)
+    return {
+        "patch": M.compute(data.labels, p, threshold).as_dict(),
+        "patient_weighted": M.compute(data.labels, p, threshold, w).as_dict(),
+        "groups": len(np.unique(data.groups.astype(str))),
+    }
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 RGB images in [0, 1]."""
+    sample = images[:: max(1, len(images) // 4000)].astype(np.float64) / 255
+    mean = tuple(float(v) for v in sample.mean(axis=(0, 1, 2)))
+    std = tuple(float(v) for v in sample.std(axis=(0, 1, 2)))
+    return mean, std
+
+
+def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[str, Any] | None = None) -> Iterator[Report]:
+    """Train and yield reports; the best model (val balanced accuracy) is saved to ``config.out``."""
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError("training and validation data must both be non-empty")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    if config.init:
+        start = load_checkpoint(config.init)
+        net: WideResNet = start.net
+        meta = replace(start.meta, provenance={}, metrics={})
+    else:
+        mean, std = channel_stats(train.images)
+        meta = ModelMeta(arch=config.arch, mpp=config.mpp, mean=mean, std=std)  # type: ignore[arg-type]
+        net = WideResNet(config.arch)
+    net.to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    params = list(net.head.parameters()) + list(net.bn.parameters()) if config.freeze_trunk else list(net.parameters())
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, math.ceil(config.samples_per_epoch / config.batch_size))
+    total_steps = steps_per_epoch * config.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total_steps, pct_start=0.15)
+    use_amp = device.type == "cuda"
+
+    out = Path(config.out)
+    resume_path = out.with_name(out.name + ".resume.pt")
+    history: list[dict[str, Any]] = []
+    best_score, best_epoch, start_epoch = -1.0, 0, 0
+    if config.resume and resume_path.exists():
+        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start_epoch = int(state["epoch"])
+        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        history = json.loads(state["history"])
+        rng = np.random.default_rng(config.seed + start_epoch)
+
+    sample_w = group_weights(train.groups, train.labels)
+    sample_p = sample_w / sample_w.sum()
+    val_w = evaluation_weights(val.groups)
+    t0 = time.perf_counter()
+    stopped_early = False
+    for epoch in range(start_epoch, config.epochs):
+        net.train()
+        if config.freeze_trunk:  # keep frozen batch-norm statistics fixed too
+            net.trunk.eval()
+        idx = rng.choice(len(train), size=steps_per_epoch * config.batch_size, p=sample_p)
+        losses = []
+        for step in range(steps_per_epoch):
+            ts = time.perf_counter()
+            b = idx[step * config.batch_size : (step + 1) * config.batch_size]
+            x = _to_float(train.images[b], device)
+            if config.augment:
+                x = augment(x, gen)
+            x = _normalise(x, meta)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(train.labels[b]).float().to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = net(x)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            yield StepReport(epoch, step, steps_per_epoch, losses[-1], len(b) / (time.perf_counter() - ts))
+        p_val = predict_patches(net, meta, val.images, device)
+        val_loss = float(
+            np.average(_bce(p_val, val.labels), weights=val_w)
+        )
+        threshold = M.best_threshold(val.labels, p_val, val_w)
+        m = M.compute(val.labels, p_val, threshold, val_w).as_dict()
+        score = m["balanced_accuracy"]
+        is_best = score > best_score
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss, **m})
+        if is_best:
+            best_score, best_epoch = score, epoch + 1
+            report = metrics_report(val, p_val, threshold)
+            best_meta = replace(
+                meta,
+                threshold=threshold,
+                metrics={"validation": report, "epoch": epoch + 1},
+                provenance={**(provenance or {}), "config": _config_dict(config), "history": history},
+            )
+            save_checkpoint(out, net, best_meta)
+        state = {
+            "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch,
+            "history": json.dumps(history),
+        }
+        tmp = resume_path.with_name(resume_path.name + ".part")
+        torch.save(state, tmp)
+        os.replace(tmp, resume_path)
+        elapsed = time.perf_counter() - t0
+        done = epoch + 1 - start_epoch
+        eta = elapsed / done * (config.epochs - epoch - 1)
+        yield EpochReport(epoch + 1, config.epochs, float(np.mean(losses)), val_loss, m, is_best, elapsed, eta)
+        if epoch + 1 - best_epoch >= config.patience:
+            stopped_early = True
+            break
+    final = load_checkpoint(out)
+    yield DoneReport(str(out), best_epoch, final.meta.metrics["validation"]["patient_weighted"], stopped_early)
+
+
+def _bce(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def _config_dict(config: TrainConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["arch"] = asdict(config.arch)
+    return d

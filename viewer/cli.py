@@ -1,0 +1,120 @@
+"""The `idc-viewer` console script: no subcommand opens the GUI, subcommands run headless.
+
+Qt is imported only when the GUI starts, so `train`, `evaluate` and `predict` run on machines
+without a display or Qt libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+SUBCOMMANDS = ("train", "evaluate", "predict")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return v
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", nargs="+", help="patch folder(s): <root>/<patient>/<0|1>/*_classN.png")
+    p.add_argument("--exclude-patient", action="append", default=[], metavar="ID",
+                   help="leave this patient out (repeatable)")
+    p.add_argument("--limit-per-patient", type=int, default=None, metavar="N",
+                   help="use at most N random patches per patient")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idc-viewer", description="IDC Slide Viewer")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="train or fine-tune the IDC model on patch folders")
+    _add_data_args(t)
+    t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
+    t.add_argument("--init", default=None, help="start from this checkpoint (fine-tune)")
+    t.add_argument("--freeze-trunk", action="store_true", help="with --init: train only the head")
+    t.add_argument("--epochs", type=int, default=12)
+    t.add_argument("--samples-per-epoch", type=int, default=8000)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--patience", type=int, default=4, help="early stopping on val balanced accuracy")
+    t.add_argument("--depth", type=int, default=16)
+    t.add_argument("--widen", type=int, default=2)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
+    t.add_argument("--test-fraction", type=float, default=0.15, help="share of patients held out")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+    e = sub.add_parser("evaluate", help="print a model's metrics on patch folders")
+    _add_data_args(e)
+    e.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def build_gui_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="idc-viewer", description="IDC Slide Viewer (GUI). "
+                                f"Headless subcommands: {', '.join(SUBCOMMANDS)} (idc-viewer CMD -h).")
+    p.add_argument("slide", nargs="?", help="slide to open (default: the bundled demo slide)")
+    p.add_argument("--mpp", type=_positive_float, default=None, help="um per level-0 pixel, for slides without it")
+    p.add_argument("--screenshot", default=None, metavar="PNG",
+                   help="open, wait until every visible tile is sharp, save the window and exit")
+    p.add_argument("--size", default="1400x900", help="window size WxH (default 1400x900)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return _run_headless(args)
+    args = build_gui_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from viewer.app import run_gui
+
+    return run_gui(args)
+
+
+def _run_headless(args: argparse.Namespace) -> int:
+    from inference.model import ModelError
+    from inference.slide import SlideError
+    from training.data import DataError
+
+    try:
+        if args.command == "train":
+            from training.commands import run_train
+
+            return run_train(args)
+        if args.command == "evaluate":
+            from training.commands import run_evaluate
+
+            return run_evaluate(args)
+    except (SlideError, ModelError, DataError, ValueError) as exc:
+        logging.getLogger("idc-viewer").debug("command failed", exc_info=True)
+        print(f"idc-viewer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"idc-viewer {args.command}: interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
