@@ -1,0 +1,76 @@
+"""Composition root: builds the application, the models and the main window."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+DEMO_SLIDE = "demo_idc_8975.tif"
+
+
+def demo_slide_path() -> Path:
+    """The bundled breast IDC demo slide (patient 8975, rebuilt from real patches)."""
+    return Path(str(files("resources") / DEMO_SLIDE))
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"idc-viewer: error: --size must look like 1400x900, not {text!r}") from None
+    return max(320, w), max(240, h)
+
+
+def run_gui(args: argparse.Namespace) -> int:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from inference.slide import SlideError, open_slide
+    from viewer.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("IDC Slide Viewer")
+    app.setOrganizationName("IDC Slide Viewer")
+    path = Path(args.slide) if args.slide else demo_slide_path()
+    screenshot = args.screenshot
+    window = MainWindow(interactive=screenshot is None)
+    window.resize(*_parse_size(args.size))
+    try:
+        slide = open_slide(path, mpp=args.mpp)
+    except SlideError as exc:
+        print(f"idc-viewer: error: {exc}", file=sys.stderr)
+        if screenshot is not None:
+            return 2
+        window.show()
+        window.show_error("Cannot open slide", str(exc))
+        return app.exec()
+    window.show()
+    window.set_slide(slide)
+    window._remember(path)
+    if screenshot is None:
+        return app.exec()
+
+    result = {"rc": 1}
+
+    def save() -> None:
+        app.processEvents()
+        if window.grab().save(str(screenshot)):
+            result["rc"] = 0
+        else:
+            print(f"idc-viewer: error: could not write {screenshot}", file=sys.stderr)
+            result["rc"] = 2
+        window.close()
+        app.quit()
+
+    def timeout() -> None:
+        print("idc-viewer: error: the slide did not finish rendering within 120 s", file=sys.stderr)
+        window.close()
+        app.quit()
+
+    window.view.became_sharp.connect(lambda: QTimer.singleShot(50, save))
+    QTimer.singleShot(120_000, timeout)
+    QTimer.singleShot(0, window.view._schedule_update)
+    app.exec()
+    return result["rc"]

@@ -1,0 +1,120 @@
+"""Scene layers; the scene unit is one level-0 pixel."""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QRect, QRectF
+from PySide6.QtGui import QImage, QPainter, QPixmap
+from PySide6.QtWidgets import QGraphicsItem, QStyleOptionGraphicsItem, QWidget
+
+from inference.geometry import Rect
+from inference.tiles import ByteLRU, TileGrid, TileKey
+
+
+def array_to_qimage(arr: np.ndarray) -> QImage:
+    """RGB or RGBA uint8 (h, w, c) -> a QImage that owns a copy of the pixels."""
+    arr = np.ascontiguousarray(arr)
+    h, w, c = arr.shape
+    fmt = QImage.Format.Format_RGB888 if c == 3 else QImage.Format.Format_RGBA8888
+    return QImage(arr.data, w, h, w * c, fmt).copy()
+
+
+def qrectf(rect: Rect) -> QRectF:
+    return QRectF(rect.x, rect.y, rect.w, rect.h)
+
+
+def rect_from_qrectf(r: QRectF) -> Rect:
+    """Scene (level-0) QRectF -> integer Rect covering it."""
+    return Rect.from_corners(np.floor(r.left()), np.floor(r.top()), np.ceil(r.right()), np.ceil(r.bottom()))
+
+
+class TileLayer(QGraphicsItem):
+    """Draws the slide from display tiles: the right level when cached, else a coarser one.
+
+    The coarsest level (a thumbnail, a few tiles at most) is pinned, so the view is never blank.
+    """
+
+    def __init__(self, grid: TileGrid, cache_bytes: int = 384 << 20) -> None:
+        super().__init__()
+        self.grid = grid
+        self.cache: ByteLRU[QPixmap] = ByteLRU(cache_bytes, lambda pm: pm.width() * pm.height() * 4)
+        self.pinned: dict[TileKey, QPixmap] = {}
+        self.request_tile = lambda key: None  # set by the view: queue a tile read
+        self.setFlag(QGraphicsItem.GraphicsItemFlag.ItemUsesExtendedStyleOption, True)
+        self.setZValue(0)
+
+    def boundingRect(self) -> QRectF:
+        return QRectF(0, 0, self.grid.width_l0, self.grid.height_l0)
+
+    def pixmap(self, key: TileKey) -> QPixmap | None:
+        return self.pinned.get(key) or self.cache.get(key)
+
+    def add_tile(self, key: TileKey, arr: np.ndarray) -> None:
+        """Store a loaded tile (GUI thread) and repaint only its rectangle."""
+        pm = QPixmap.fromImage(array_to_qimage(arr))
+        if key.level == self.grid.coarsest:
+            self.pinned[key] = pm
+        else:
+            self.cache.put(key, pm)
+        self.update(qrectf(self.grid.rect(key)))
+
+    def coarsest_keys(self) -> list[TileKey]:
+        rows, cols = self.grid.shape(self.grid.coarsest)
+        return [TileKey(self.grid.slide_id, self.grid.coarsest, r, c) for r in range(rows) for c in range(cols)]
+
+    def missing(self, view_l0: Rect, scale: float) -> list[TileKey]:
+        """Tiles at their final resolution for this view that are not cached yet."""
+        level = self.grid.level_for_scale(scale)
+        return [k for k in self.grid.visible(level, view_l0) if self.pixmap(k) is None]
+
+    def paint(self, painter: QPainter, option: QStyleOptionGraphicsItem, widget: QWidget | None = None) -> None:
+        transform = painter.worldTransform()
+        scale = transform.m11() * (widget.devicePixelRatioF() if widget is not None else 1.0)
+        view_l0 = rect_from_qrectf(option.exposedRect).intersect(
+            Rect(0, 0, self.grid.width_l0, self.grid.height_l0)
+        )
+        if view_l0.is_empty:
+            return
+        level = self.grid.level_for_scale(scale)
+        painter.save()
+        painter.resetTransform()
+        painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, abs(transform.m11() - 1) > 1e-3)
+        for key in self.grid.visible(level, view_l0):
+            pm = self.pixmap(key)
+            if pm is not None:
+                painter.drawPixmap(self._device_rect(transform, self.grid.rect(key)), pm)
+                continue
+            self.request_tile(key)
+            self._paint_fallback(painter, transform, key)
+        painter.restore()
+
+    def _paint_fallback(self, painter: QPainter, transform, key: TileKey) -> None:
+        """Draw the part of the nearest cached coarser tile that covers ``key``."""
+        target = self.grid.rect(key)
+        for up in range(1, self.grid.coarsest - key.level + 1):
+            parent = self.grid.parent(key, up)
+            pm = self.pixmap(parent)
+            if pm is None:
+                continue
+            prect = self.grid.rect(parent)
+            sx = pm.width() / prect.w
+            sy = pm.height() / prect.h
+            source = QRectF((target.x - prect.x) * sx, (target.y - prect.y) * sy, target.w * sx, target.h * sy)
+            painter.drawPixmap(QRectF(self._device_rect(transform, target)), pm, source)
+            return
+
+    @staticmethod
+    def _device_rect(transform, rect: Rect) -> QRect:
+        """Level-0 rect -> device pixels with corners rounded independently (no seams)."""
+        x0, y0 = transform.map(float(rect.x), float(rect.y))
+        x1, y1 = transform.map(float(rect.right), float(rect.bottom))
+        ix0, iy0, ix1, iy1 = round(x0), round(y0), round(x1), round(y1)
+        return QRect(ix0, iy0, ix1 - ix0, iy1 - iy0)
+
+
+def qimage_to_array(img: QImage) -> np.ndarray:
+    """QImage -> RGB uint8 (h, w, 3) copy."""
+    img = img.convertToFormat(QImage.Format.Format_RGB888)
+    w, h, bpl = img.width(), img.height(), img.bytesPerLine()
+    buf = np.frombuffer(img.constBits(), np.uint8, count=bpl * h).reshape(h, bpl)
+    return buf[:, : w * 3].reshape(h, w, 3).copy()

@@ -1,0 +1,294 @@
+"""The main window: menus, docks and status bar around the slide view."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PySide6.QtCore import QSettings, Qt, Signal, Slot
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QDockWidget,
+    QFileDialog,
+    QInputDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QWidget,
+)
+
+from inference.geometry import Rect
+from inference.slide import Slide, SlideError, open_slide
+from inference.tiles import TileKey
+from viewer.panels import MetadataPanel, OverviewPanel
+from viewer.slide_view import PRESETS, SlideView
+
+log = logging.getLogger(__name__)
+
+SLIDE_FILTER = (
+    "Slides and images (*.svs *.tif *.tiff *.ndpi *.vms *.vmu *.scn *.mrxs *.svslide *.bif *.dcm "
+    "*.png *.jpg *.jpeg *.bmp);;All files (*)"
+)
+MAX_RECENT = 10
+
+
+class MainWindow(QMainWindow):
+    """Owns the open slide; panels receive only what they display."""
+
+    slide_opened = Signal(object)  # Slide
+    error_shown = Signal(str)
+
+    def __init__(self, settings: QSettings | None = None, interactive: bool = True) -> None:
+        super().__init__()
+        self.setWindowTitle("IDC Slide Viewer")
+        self.settings = settings or QSettings("IDC Slide Viewer", "idc-viewer")
+        self.interactive = interactive
+        self.slide: Slide | None = None
+        self.view = SlideView(self)
+        self.setCentralWidget(self.view)
+        self.setAcceptDrops(True)
+
+        self.overview = OverviewPanel()
+        self.metadata = MetadataPanel()
+        self._dock(self.overview, "Overview", "overview")
+        self._dock(self.metadata, "Slide", "metadata")
+
+        self.pos_label = QLabel("")
+        self.zoom_label = QLabel("")
+        self.statusBar().addWidget(self.pos_label, 1)
+        self.statusBar().addPermanentWidget(self.zoom_label)
+
+        self.view.viewport_changed.connect(self._on_view_viewport_changed)
+        self.view.cursor_moved.connect(self._on_view_cursor_moved)
+        self.view.tile_failed.connect(self._on_view_tile_failed)
+        self.overview.navigate_requested.connect(self._on_overview_navigate_requested)
+        self._build_menus()
+        self._tile_error_shown = False
+
+    def _dock(self, widget: QWidget, title: str, name: str) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)
+        dock.setWidget(widget)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+        return dock
+
+    # -- menus ------------------------------------------------------------------------------
+    def _action(self, menu, text: str, slot, shortcut: str | QKeySequence | None = None) -> QAction:  # noqa: ANN001
+        act = QAction(text, self)
+        if shortcut is not None:
+            act.setShortcut(QKeySequence(shortcut))
+        act.triggered.connect(slot)
+        menu.addAction(act)
+        return act
+
+    def _build_menus(self) -> None:
+        mb = self.menuBar()
+        f = mb.addMenu("&File")
+        self._action(f, "&Open slide\u2026", self._on_open_triggered, QKeySequence.StandardKey.Open)
+        self._action(f, "Open &demo slide", self._on_open_demo_triggered)
+        self.recent_menu = f.addMenu("Open &recent")
+        f.addSeparator()
+        self._action(f, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        self._refresh_recent()
+
+        v = mb.addMenu("&View")
+        self._action(v, "Zoom &in", lambda: self.view.zoom_by(1.5), "Ctrl+=")
+        self._action(v, "Zoom &out", lambda: self.view.zoom_by(1 / 1.5), "Ctrl+-")
+        self._action(v, "&Fit slide", self.view.fit, "Ctrl+0")
+        self._action(v, "&1:1 (one screen pixel per slide pixel)", lambda: self.view.set_scale(1.0), "Ctrl+1")
+        self.mag_menu = v.addMenu("&Magnification")
+        self.mag_group = QActionGroup(self)
+        for mag in PRESETS:
+            act = QAction(f"{mag:g}x", self)
+            act.triggered.connect(lambda _=False, m=mag: self.set_magnification(m))
+            self.mag_menu.addAction(act)
+            self.mag_group.addAction(act)
+        v.addSeparator()
+        self.mpp_action = self._action(v, "Set &resolution (MPP)\u2026", self._on_set_mpp_triggered)
+        v.addSeparator()
+        for dock in self.findChildren(QDockWidget):
+            v.addAction(dock.toggleViewAction())
+        self._update_mag_actions()
+
+    def _refresh_recent(self) -> None:
+        self.recent_menu.clear()
+        for path in self.recent_files():
+            act = QAction(path, self)
+            act.triggered.connect(lambda _=False, p=path: self.open_path(p))
+            self.recent_menu.addAction(act)
+        self.recent_menu.setEnabled(bool(self.recent_files()))
+
+    def recent_files(self) -> list[str]:
+        value = self.settings.value("recent", [])
+        if isinstance(value, str):
+            value = [value]
+        return [str(v) for v in (value or [])]
+
+    def _remember(self, path: Path) -> None:
+        p = str(path.resolve())
+        items = [p] + [r for r in self.recent_files() if r != p]
+        self.settings.setValue("recent", items[:MAX_RECENT])
+        self._refresh_recent()
+
+    # -- opening ----------------------------------------------------------------------------
+    def open_path(self, path: str | Path, mpp: float | None = None) -> bool:
+        """Open a slide; on failure show one sentence and keep the current slide."""
+        try:
+            slide = open_slide(path, mpp=mpp)
+        except SlideError as exc:
+            self.show_error("Cannot open slide", str(exc))
+            return False
+        except Exception as exc:  # never let a decoder bug take the app down
+            log.exception("unexpected error opening %s", path)
+            self.show_error("Cannot open slide", f"{Path(path).name} could not be opened ({type(exc).__name__}).")
+            return False
+        self.set_slide(slide)
+        self._remember(Path(path))
+        return True
+
+    def set_slide(self, slide: Slide) -> None:
+        old = self.slide
+        self.view.set_slide(slide)  # stops the old slide's tile reads first
+        if old is not None:
+            old.close()
+        self.slide = slide
+        self._tile_error_shown = False
+        self.setWindowTitle(f"{slide.path.name} \u2014 IDC Slide Viewer")
+        self.metadata.set_slide(slide)
+        self.overview.set_thumbnail(slide.dimensions, None)
+        self._update_mag_actions()
+        self.slide_opened.emit(slide)
+        if self.view.tiles is not None:
+            self.view.loader.tile_loaded.connect(self._on_loader_tile_loaded)
+
+    @Slot(object, object)
+    def _on_loader_tile_loaded(self, key: TileKey, arr: np.ndarray) -> None:
+        tiles = self.view.tiles
+        if tiles is None or key.level != tiles.grid.coarsest or key.slide != tiles.grid.slide_id:
+            return
+        if not all(k in tiles.pinned for k in tiles.coarsest_keys()):
+            return
+        self.overview.set_thumbnail(self.slide.dimensions if self.slide else (1, 1), self._coarsest_image())
+        self.overview.set_view(self.view.view_rect_l0())
+
+    def _coarsest_image(self) -> np.ndarray:
+        """Assemble the pinned coarsest tiles into one thumbnail array."""
+        from viewer.layers import qimage_to_array
+
+        tiles = self.view.tiles
+        assert tiles is not None
+        grid = tiles.grid
+        rows, cols = grid.shape(grid.coarsest)
+        parts = [[qimage_to_array(tiles.pinned[TileKey(grid.slide_id, grid.coarsest, r, c)].toImage())
+                  for c in range(cols)] for r in range(rows)]
+        return np.concatenate([np.concatenate(row, axis=1) for row in parts], axis=0)
+
+    @Slot()
+    def _on_open_triggered(self) -> None:
+        start = str(Path(self.recent_files()[0]).parent) if self.recent_files() else str(Path.home())
+        path, _ = QFileDialog.getOpenFileName(self, "Open slide", start, SLIDE_FILTER)
+        if path:
+            self.open_path(path)
+
+    @Slot()
+    def _on_open_demo_triggered(self) -> None:
+        from viewer.app import demo_slide_path
+
+        self.open_path(demo_slide_path())
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if event.mimeData().hasUrls() and any(u.isLocalFile() for u in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        for url in event.mimeData().urls():
+            if url.isLocalFile():
+                self.open_path(url.toLocalFile())
+                event.acceptProposedAction()
+                return
+
+    # -- resolution -------------------------------------------------------------------------
+    @Slot()
+    def _on_set_mpp_triggered(self) -> None:
+        if self.slide is None:
+            return
+        current = self.slide.mpp or 0.25
+        value, ok = QInputDialog.getDouble(
+            self, "Slide resolution", "Micrometres per level-0 pixel (40x \u2248 0.25, 20x \u2248 0.5):",
+            current, 0.01, 100.0, 4,
+        )
+        if ok:
+            self.set_mpp(value)
+
+    def set_mpp(self, mpp: float) -> None:
+        """Set the slide's resolution by hand; everything physical follows it."""
+        if self.slide is None:
+            return
+        try:
+            self.slide.with_mpp(mpp)
+        except SlideError as exc:
+            self.show_error("Invalid resolution", str(exc))
+            return
+        self.metadata.set_slide(self.slide)
+        self._update_mag_actions()
+        self.view.viewport().update()
+        self._on_view_viewport_changed(self.view.view_rect_l0(), self.view.scale_factor)
+
+    def set_magnification(self, mag: float) -> None:
+        scale = self.view.scale_for_magnification(mag)
+        if scale is not None:
+            self.view.set_scale(scale)
+
+    def _update_mag_actions(self) -> None:
+        known = self.slide is not None and self.view.scale_for_magnification(1.0) is not None
+        self.mag_menu.setEnabled(known)
+        self.mag_menu.setTitle("&Magnification" if known or self.slide is None
+                               else "&Magnification (resolution unknown)")
+
+    # -- status -----------------------------------------------------------------------------
+    @Slot(object, float)
+    def _on_view_viewport_changed(self, view_l0: Rect, scale: float) -> None:
+        self.overview.set_view(view_l0)
+        mag = self.view.magnification()
+        mag_text = f"{mag:.2f}x" if mag is not None else "magnification unknown"
+        self.zoom_label.setText(f"{mag_text}  |  {scale * 100:.1f}% of level 0")
+
+    @Slot(float, float)
+    def _on_view_cursor_moved(self, x_l0: float, y_l0: float) -> None:
+        if self.slide is None:
+            return
+        w, h = self.slide.dimensions
+        if not (0 <= x_l0 < w and 0 <= y_l0 < h):
+            self.pos_label.setText("")
+            return
+        text = f"x {int(x_l0):,}  y {int(y_l0):,} px"
+        if self.slide.mpp:
+            text += f"   ({x_l0 * self.slide.mpp / 1000:.3f}, {y_l0 * self.slide.mpp / 1000:.3f} mm)"
+        else:
+            text += "   (\u00b5m unknown: set the resolution in the View menu)"
+        self.pos_label.setText(text)
+
+    @Slot(str)
+    def _on_view_tile_failed(self, message: str) -> None:
+        if not self._tile_error_shown:
+            self._tile_error_shown = True
+            self.statusBar().showMessage(f"Part of the slide could not be read: {message}", 10000)
+
+    @Slot(float, float)
+    def _on_overview_navigate_requested(self, x_l0: float, y_l0: float) -> None:
+        self.view.center_on_l0(x_l0, y_l0)
+
+    def show_error(self, title: str, message: str) -> None:
+        """One sentence to the user: a dialog when interactive, the log otherwise."""
+        log.error("%s: %s", title, message)
+        self.error_shown.emit(message)
+        if self.interactive:
+            QMessageBox.critical(self, title, message)
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.view.clear_slide()
+        if self.slide is not None:
+            self.slide.close()
+            self.slide = None
+        super().closeEvent(event)
