@@ -55,7 +55,7 @@ def best_level(downsamples: Sequence[float], downsample: float) -> int:
     """Index of the coarsest pyramid level that is at least as fine as ``downsample``."""
     best = 0
     for i, ds in enumerate(downsamples):
-        if ds <= downsample * (1 + 1e-6) and ds >= downsamples[best]:
+        if ds <= downsample * 1.01 and ds >= downsamples[best]:  # a 1% upscale is invisible
             best = i
     return best
 

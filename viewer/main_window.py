@@ -7,7 +7,14 @@ from pathlib import Path
 
 import numpy as np
 from PySide6.QtCore import QSettings, Qt, Signal, Slot
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtGui import (
+    QAction,
+    QActionGroup,
+    QCloseEvent,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+)
 from PySide6.QtWidgets import (
     QDockWidget,
     QFileDialog,
@@ -264,7 +271,7 @@ class MainWindow(QMainWindow):
             return
         text = f"x {int(x_l0):,}  y {int(y_l0):,} px"
         if self.slide.mpp:
-            text += f"   ({x_l0 * self.slide.mpp / 1000:.3f}, {y_l0 * self.slide.mpp / 1000:.3f} mm)"
+            text += f"   ({x_l0 * self.slide.mpp:,.1f}, {y_l0 * self.slide.mpp:,.1f} \u00b5m)"
         else:
             text += "   (\u00b5m unknown: set the resolution in the View menu)"
         self.pos_label.setText(text)

@@ -64,6 +64,7 @@ class SlideView(QGraphicsView):
         self.tiles: TileLayer | None = None
         self.loader: TileLoader | None = None
         self._sharp_emitted = False
+        self._fitted = False  # stays fitted across resizes until the user zooms or pans
         self._check = QTimer(self, singleShot=True, interval=0)
         self._check.timeout.connect(self._on_check_timeout)
         self.horizontalScrollBar().valueChanged.connect(self._schedule_update)
@@ -162,6 +163,7 @@ class SlideView(QGraphicsView):
         """Zoom to ``scale`` screen px per level-0 px, keeping ``anchor_scene`` still on screen."""
         lo, hi = self.scale_limits()
         scale = min(max(scale, lo), hi)
+        self._fitted = False
         if anchor_scene is None:
             anchor_scene = self.mapToScene(self.viewport().rect().center())
         anchor_view = self.mapFromScene(anchor_scene)
@@ -186,9 +188,11 @@ class SlideView(QGraphicsView):
         s = min(vp.width() / w, vp.height() / h) * 0.97
         self.scale(s, s)
         self.centerOn(w / 2, h / 2)
+        self._fitted = True
         self._schedule_update()
 
     def center_on_l0(self, x_l0: float, y_l0: float) -> None:
+        self._fitted = False
         self.centerOn(x_l0, y_l0)
         self._schedule_update()
 
@@ -210,10 +214,12 @@ class SlideView(QGraphicsView):
             self.fit()
         elif key in (Qt.Key.Key_Left, Qt.Key.Key_Right):
             d = -1 if key == Qt.Key.Key_Left else 1
+            self._fitted = False
             sb = self.horizontalScrollBar()
             sb.setValue(sb.value() + int(d * step * vp.width()))
         elif key in (Qt.Key.Key_Up, Qt.Key.Key_Down):
             d = -1 if key == Qt.Key.Key_Up else 1
+            self._fitted = False
             sb = self.verticalScrollBar()
             sb.setValue(sb.value() + int(d * step * vp.height()))
         else:
@@ -224,8 +230,14 @@ class SlideView(QGraphicsView):
         self.cursor_moved.emit(p.x(), p.y())
         super().mouseMoveEvent(event)
 
+    def mousePressEvent(self, event: QMouseEvent) -> None:
+        self._fitted = False
+        super().mousePressEvent(event)
+
     def resizeEvent(self, event) -> None:  # noqa: ANN001
         super().resizeEvent(event)
+        if self._fitted:
+            self.fit()
         self._schedule_update()
 
     @Slot()
