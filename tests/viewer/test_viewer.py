@@ -196,3 +196,14 @@ def test_real_x11_window_shows_tissue(tmp_path: Path) -> None:
                         "--screenshot", str(out)], capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr
     assert tissue_fraction(np.asarray(Image.open(out).convert("RGB"))) > 0.15
+
+
+def test_painting_does_not_leak_references_to_none(qtbot, window: MainWindow) -> None:
+    """Some PySide6 builds drop a reference to None per void call; that crashes long sessions."""
+    open_and_wait(qtbot, window, CMU_SVS)
+    view = window.view
+    view.viewport().repaint()
+    before = sys.getrefcount(None)
+    for _ in range(200):
+        view.viewport().repaint()
+    assert abs(sys.getrefcount(None) - before) < 100

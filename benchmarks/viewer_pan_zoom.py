@@ -1,0 +1,125 @@
+"""Pan/zoom benchmark of the slide view against plain OpenSlide read_region.
+
+On a generated 50,000 x 50,000 JPEG pyramid (real tissue texture, 3 levels) in a 1920x1080
+view, in one process:
+
+* cold: time from a jump to an unseen place until every visible tile is sharp, against
+  OpenSlide read_region of the same viewport at the same pyramid level (baseline);
+* warm: frame time (one synchronous repaint) while panning over already-visited places,
+  against the same baseline read of one viewport;
+* peak RSS of the process.
+
+Targets (issue 2): warm p95 <= 16 ms, cold full-sharp viewport <= 150 ms, RSS <= 1 GB.
+Run: python -m benchmarks.viewer_pan_zoom
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np  # noqa: E402
+import openslide  # noqa: E402
+from PySide6.QtCore import QEventLoop, QTimer  # noqa: E402
+from PySide6.QtWidgets import QApplication  # noqa: E402
+
+from benchmarks.synthetic import big_slide, percentile  # noqa: E402
+from inference.slide import open_slide  # noqa: E402
+from viewer.slide_view import SlideView  # noqa: E402
+
+VIEW_W, VIEW_H = 1920, 1080
+
+
+def wait_sharp(app: QApplication, view: SlideView, timeout_s: float = 30) -> float:
+    """Seconds until the view reports every visible tile at final resolution."""
+    t0 = time.perf_counter()
+    loop = QEventLoop()
+    view.became_sharp.connect(loop.quit)
+    QTimer.singleShot(int(timeout_s * 1000), loop.quit)
+    view._schedule_update()
+    view.viewport().repaint()
+    if not view.is_sharp():
+        loop.exec()
+    view.became_sharp.disconnect(loop.quit)
+    return time.perf_counter() - t0
+
+
+def baseline_read(osr: openslide.OpenSlide, cx: float, cy: float, scale: float) -> float:
+    """Plain OpenSlide: one read_region of the viewport at the best level, resized."""
+    ds = 1 / scale
+    level = osr.get_best_level_for_downsample(ds)
+    lds = osr.level_downsamples[level]
+    w_l0, h_l0 = VIEW_W * ds, VIEW_H * ds
+    t0 = time.perf_counter()
+    img = osr.read_region((int(cx - w_l0 / 2), int(cy - h_l0 / 2)), level, (int(w_l0 / lds), int(h_l0 / lds)))
+    if img.size != (VIEW_W, VIEW_H):
+        img = img.resize((VIEW_W, VIEW_H))
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    path = big_slide()
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    slide = open_slide(path)
+    view = SlideView()
+    view.resize(VIEW_W, VIEW_H)
+    view.show()
+    view.set_slide(slide)
+    wait_sharp(app, view)
+    osr = openslide.OpenSlide(str(path))
+    rng = np.random.default_rng(0)
+    w0, h0 = slide.dimensions
+
+    # Cold: jumps to unseen places at several zoom levels.
+    cold, cold_base = [], []
+    scales = [1.0, 0.5, 0.25, 0.125, 0.0625]
+    for i in range(20):
+        scale = scales[i % len(scales)]
+        cx, cy = rng.uniform(0.1, 0.9) * w0, rng.uniform(0.1, 0.9) * h0
+        view.set_scale(scale)
+        view.center_on_l0(cx, cy)
+        cold.append(wait_sharp(app, view))
+        cold_base.append(baseline_read(osr, cx, cy, scale))
+
+    # Warm: pan back and forth over a visited strip at 1:1 and at 0.25.
+    warm, warm_base = [], []
+    for scale in (1.0, 0.25):
+        view.set_scale(scale)
+        x0, y0 = w0 * 0.3, h0 * 0.4
+        span = VIEW_W / scale
+        for k in range(13):  # visit the strip once (cold), then time repaints
+            view.center_on_l0(x0 + k * span / 12, y0)
+            wait_sharp(app, view)
+        for rep in range(3):
+            for k in range(13):
+                view.center_on_l0(x0 + k * span / 12, y0)
+                app.processEvents()
+                t0 = time.perf_counter()
+                view.viewport().repaint()
+                warm.append(time.perf_counter() - t0)
+                if rep == 0:
+                    warm_base.append(baseline_read(osr, x0 + k * span / 12, y0, scale))
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ms = 1000
+    print(f"slide: {path.name}, {w0} x {h0}, levels {slide.info.level_downsamples}, viewport {VIEW_W}x{VIEW_H}")
+    print(f"cold full-sharp viewport: p50 {percentile(cold, 50) * ms:.1f} ms, p95 {percentile(cold, 95) * ms:.1f} ms"
+          f"  (target <= 150 ms)")
+    print(f"  baseline OpenSlide read_region of same viewports: p50 {percentile(cold_base, 50) * ms:.1f} ms,"
+          f" p95 {percentile(cold_base, 95) * ms:.1f} ms")
+    print(f"  ratio cold p50 / baseline p50: {percentile(cold, 50) / percentile(cold_base, 50):.2f}")
+    print(f"warm frame: p50 {percentile(warm, 50) * ms:.2f} ms, p95 {percentile(warm, 95) * ms:.2f} ms  (target <= 16 ms)")
+    print(f"  baseline read_region per frame: p50 {percentile(warm_base, 50) * ms:.1f} ms")
+    print(f"  ratio baseline p50 / warm p50: {percentile(warm_base, 50) / percentile(warm, 50):.1f}x faster")
+    print(f"peak RSS: {rss_mb:.0f} MB  (target <= 1024 MB)")
+    view.clear_slide()
+    slide.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
