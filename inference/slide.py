@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,24 +247,31 @@ class Slide:
     # -- reading ----------------------------------------------------------------------------
     def read(self, rect_l0: Rect, size: tuple[int, int]) -> np.ndarray:
         """Read level-0 rectangle ``rect_l0`` resized to ``size`` = (w, h); RGB uint8 (h, w, 3)."""
+        if rect_l0.is_empty:
+            raise ValueError(f"empty read {rect_l0}")
+        return self.read_box((rect_l0.x, rect_l0.y, rect_l0.right, rect_l0.bottom), size)
+
+    def read_box(self, box_l0: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+        """Read the level-0 box (x0, y0, x1, y1), corners may be fractional, at ``size`` = (w, h)."""
+        x0, y0, x1, y1 = box_l0
         out_w, out_h = size
-        if rect_l0.is_empty or out_w <= 0 or out_h <= 0:
-            raise ValueError(f"empty read {rect_l0} -> {size}")
-        downsample = min(rect_l0.w / out_w, rect_l0.h / out_h)
+        if x1 <= x0 or y1 <= y0 or out_w <= 0 or out_h <= 0:
+            raise ValueError(f"empty read {box_l0} -> {size}")
+        downsample = min((x1 - x0) / out_w, (y1 - y0) / out_h)
         level = best_level(self.info.level_downsamples, downsample)
         ds = self.info.level_downsamples[level]
-        x_lv, y_lv, w_lv, h_lv = to_level(rect_l0, ds)
+        x_lv, y_lv, w_lv, h_lv = to_level(Rect.from_corners(math.floor(x0), math.floor(y0),
+                                                           math.ceil(x1), math.ceil(y1)), ds)
         # Read the covering level region, then crop the exact sub-pixel window while resizing.
         rgba = self._backend.read_level(round(x_lv * ds), round(y_lv * ds), level, w_lv, h_lv)
         rgb = composite_rgba(rgba, self.info.background)
-        fx0, fy0 = rect_l0.x / ds - x_lv, rect_l0.y / ds - y_lv
-        fx1, fy1 = rect_l0.right / ds - x_lv, rect_l0.bottom / ds - y_lv
+        fx0, fy0 = x0 / ds - x_lv, y0 / ds - y_lv
+        fx1, fy1 = x1 / ds - x_lv, y1 / ds - y_lv
         if (fx0, fy0, fx1, fy1) == (0, 0, w_lv, h_lv):
             return resize_rgb(rgb, (out_w, out_h))
-        img = Image.fromarray(rgb)
         shrinking = out_w < (fx1 - fx0) and out_h < (fy1 - fy0)
         resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-        return np.asarray(img.resize((out_w, out_h), resample, box=(fx0, fy0, fx1, fy1)))
+        return np.asarray(Image.fromarray(rgb).resize((out_w, out_h), resample, box=(fx0, fy0, fx1, fy1)))
 
     def read_at_mpp(self, rect_l0: Rect, mpp: float) -> np.ndarray:
         """Read ``rect_l0`` at a physical resolution ``mpp`` (um per output pixel)."""

@@ -23,6 +23,19 @@ def _parse_size(text: str) -> tuple[int, int]:
     return max(320, w), max(240, h)
 
 
+def load_model(path: str | None):  # noqa: ANN201
+    """The model to use: ``path`` or the shipped one; (model or None, error sentence or None)."""
+    from inference.model import ModelError, load_checkpoint, shipped_model_path
+
+    target = Path(path) if path else shipped_model_path()
+    if not target.exists():
+        return None, f"No model file at {target}; the IDC heatmap is unavailable."
+    try:
+        return load_checkpoint(target), None
+    except ModelError as exc:
+        return None, str(exc)
+
+
 def run_gui(args: argparse.Namespace) -> int:
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
@@ -35,7 +48,12 @@ def run_gui(args: argparse.Namespace) -> int:
     app.setOrganizationName("IDC Slide Viewer")
     path = Path(args.slide) if args.slide else demo_slide_path()
     screenshot = args.screenshot
-    window = MainWindow(interactive=screenshot is None)
+    model, model_error = load_model(args.model)
+    if model_error and (args.heatmap or args.model):
+        print(f"idc-viewer: error: {model_error}", file=sys.stderr)
+        if screenshot is not None:
+            return 2
+    window = MainWindow(interactive=screenshot is None, model=model, device=args.device)
     window.resize(*_parse_size(args.size))
     try:
         slide = open_slide(path, mpp=args.mpp)
@@ -49,6 +67,10 @@ def run_gui(args: argparse.Namespace) -> int:
     window.show()
     window.set_slide(slide)
     window._remember(path)
+    if model_error:
+        window.statusBar().showMessage(model_error, 15000)
+    if args.heatmap:
+        window.inference.start()
     if screenshot is None:
         return app.exec()
 
@@ -69,8 +91,16 @@ def run_gui(args: argparse.Namespace) -> int:
         window.close()
         app.quit()
 
-    window.view.became_sharp.connect(lambda: QTimer.singleShot(50, save))
-    QTimer.singleShot(120_000, timeout)
+    def save_when_ready() -> None:
+        heatmap_pending = args.heatmap and not (window.inference.heatmap is not None
+                                                and window.inference.heatmap.complete)
+        if not heatmap_pending and window.view.is_sharp():
+            QTimer.singleShot(50, save)
+
+    window.view.became_sharp.connect(save_when_ready)
+    window.inference.heatmap_finished.connect(lambda _hm: QTimer.singleShot(0, save_when_ready))
+    window.inference.runner.failed.connect(lambda _msg: (window.close(), app.quit()))
+    QTimer.singleShot(600_000 if args.heatmap else 120_000, timeout)
     QTimer.singleShot(0, window.view._schedule_update)
     app.exec()
     return result["rc"]

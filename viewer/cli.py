@@ -58,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
+    pr = sub.add_parser("predict", help="compute IDC heatmaps of slides")
+    pr.add_argument("slides", nargs="+", help="slide files")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    pr.add_argument("--stride", type=int, default=None, metavar="PX",
+                    help="stride in model pixels (must divide the patch size; default: patch size)")
+    pr.add_argument("--mpp", type=_positive_float, default=None, help="um per level-0 pixel, for slides without it")
+    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--no-cache", action="store_true", help="recompute even if a cached heatmap exists")
+
     e = sub.add_parser("evaluate", help="print a model's metrics on patch folders")
     _add_data_args(e)
     e.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
@@ -73,6 +84,10 @@ def build_gui_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshot", default=None, metavar="PNG",
                    help="open, wait until every visible tile is sharp, save the window and exit")
     p.add_argument("--size", default="1400x900", help="window size WxH (default 1400x900)")
+    p.add_argument("--heatmap", action="store_true", help="compute and show the IDC heatmap at start "
+                   "(with --screenshot: wait until it is complete)")
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
 
@@ -102,6 +117,10 @@ def _run_headless(args: argparse.Namespace) -> int:
             from training.commands import run_train
 
             return run_train(args)
+        if args.command == "predict":
+            from inference.commands import run_predict
+
+            return run_predict(args)
         if args.command == "evaluate":
             from training.commands import run_evaluate
 

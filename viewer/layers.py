@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QRect, QRectF
-from PySide6.QtGui import QImage, QPainter, QPixmap
-from PySide6.QtWidgets import QGraphicsItem, QStyleOptionGraphicsItem, QWidget
+from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QPixmap
+from PySide6.QtWidgets import QGraphicsItem, QGraphicsPathItem, QStyleOptionGraphicsItem, QWidget
 
 from inference.geometry import Rect
+from inference.heatmap import Heatmap
 from inference.tiles import ByteLRU, TileGrid, TileKey
 
 
@@ -118,3 +119,79 @@ def qimage_to_array(img: QImage) -> np.ndarray:
     w, h, bpl = img.width(), img.height(), img.bytesPerLine()
     buf = np.frombuffer(img.constBits(), np.uint8, count=bpl * h).reshape(h, bpl)
     return buf[:, : w * 3].reshape(h, w, 3).copy()
+
+
+class HeatmapLayer(QGraphicsItem):
+    """The IDC heatmap: one image pixel per cell, scaled onto level 0 without smoothing."""
+
+    def __init__(self, heatmap: Heatmap) -> None:
+        super().__init__()
+        self.heatmap = heatmap
+        self.colormap = "inferno"
+        self.threshold = 0.0
+        self.show_tissue = False
+        self._image = QImage()
+        self.setZValue(10)
+        self.refresh()
+
+    def boundingRect(self) -> QRectF:
+        rows, cols = self.heatmap.grid.cell_shape
+        s = self.heatmap.grid.stride_l0
+        return QRectF(0, 0, cols * s, rows * s)
+
+    def refresh(self, block: tuple[int, int, int, int] | None = None) -> None:
+        """Rebuild the image after new cells (GUI thread); repaint only ``block`` if given."""
+        rgba = self.heatmap.to_rgba(self.colormap, self.threshold)
+        if self.show_tissue:
+            tissue = self._tissue_cells()
+            pending = tissue & ~self.heatmap.computed
+            rgba[pending] = (60, 140, 255, 110)
+        self._image = array_to_qimage(rgba)
+        if block is None:
+            self.update()
+        else:
+            r0, c0, r1, c1 = block
+            s = self.heatmap.grid.stride_l0
+            self.update(QRectF(c0 * s, r0 * s, (c1 - c0) * s, (r1 - r0) * s))
+
+    def _tissue_cells(self) -> np.ndarray:
+        """Tissue patches spread onto the cell grid."""
+        k = self.heatmap.grid.k
+        t = self.heatmap.tissue
+        out = np.zeros(self.heatmap.grid.cell_shape, bool)
+        for dr in range(k):
+            for dc in range(k):
+                out[dr : dr + t.shape[0], dc : dc + t.shape[1]] |= t
+        return out
+
+    def paint(self, painter: QPainter, option: QStyleOptionGraphicsItem, widget: QWidget | None = None) -> None:
+        if self._image.isNull():
+            return
+        painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, False)
+        painter.drawImage(self.boundingRect(), self._image, QRectF(self._image.rect()))
+
+
+class OutlineLayer(QGraphicsPathItem):
+    """Outlines of regions given as level-0 rectangles (e.g. the pathologist's IDC patches)."""
+
+    def __init__(self, rects: list[Rect], colour: QColor) -> None:
+        from shapely.geometry import box
+        from shapely.ops import unary_union
+
+        super().__init__()
+        union = unary_union([box(r.x, r.y, r.right, r.bottom) for r in rects])
+        path = QPainterPath()
+        for poly in getattr(union, "geoms", [union]):
+            if poly.is_empty:
+                continue
+            for ring in [poly.exterior, *poly.interiors]:
+                pts = list(ring.coords)
+                path.moveTo(*pts[0])
+                for x, y in pts[1:]:
+                    path.lineTo(x, y)
+                path.closeSubpath()
+        self.setPath(path)
+        pen = QPen(colour, 2.5)
+        pen.setCosmetic(True)  # constant screen width at every zoom
+        self.setPen(pen)
+        self.setZValue(20)

@@ -26,8 +26,10 @@ from PySide6.QtWidgets import (
 )
 
 from inference.geometry import Rect
+from inference.model import LoadedModel
 from inference.slide import Slide, SlideError, open_slide
 from inference.tiles import TileKey
+from viewer.inference_panel import InferencePanel
 from viewer.panels import MetadataPanel, OverviewPanel
 from viewer.slide_view import PRESETS, SlideView
 
@@ -46,7 +48,8 @@ class MainWindow(QMainWindow):
     slide_opened = Signal(object)  # Slide
     error_shown = Signal(str)
 
-    def __init__(self, settings: QSettings | None = None, interactive: bool = True) -> None:
+    def __init__(self, settings: QSettings | None = None, interactive: bool = True,
+                 model: LoadedModel | None = None, device: str = "auto") -> None:
         super().__init__()
         self.setWindowTitle("IDC Slide Viewer")
         self.settings = settings or QSettings("IDC Slide Viewer", "idc-viewer")
@@ -58,8 +61,14 @@ class MainWindow(QMainWindow):
 
         self.overview = OverviewPanel()
         self.metadata = MetadataPanel()
+        self.inference = InferencePanel(self.view, model, device)
         self._dock(self.overview, "Overview", "overview")
+        self._dock(self.inference, "IDC heatmap", "inference")
         self._dock(self.metadata, "Slide", "metadata")
+        self.tabifyDockWidget(self.findChild(QDockWidget, "inference"), self.findChild(QDockWidget, "metadata"))
+        self.findChild(QDockWidget, "inference").raise_()
+        self.inference.mpp_needed.connect(self._on_inference_mpp_needed)
+        self.inference.status_message.connect(self._on_inference_status_message)
 
         self.pos_label = QLabel("")
         self.zoom_label = QLabel("")
@@ -98,6 +107,15 @@ class MainWindow(QMainWindow):
         f.addSeparator()
         self._action(f, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         self._refresh_recent()
+
+        tb = self.addToolBar("Main")
+        tb.setObjectName("main-toolbar")
+        self.heatmap_action = QAction("IDC heatmap", self)
+        self.heatmap_action.setShortcut(QKeySequence("H"))
+        self.heatmap_action.setToolTip("Show or hide the IDC heatmap; the first time, compute it (H)")
+        self.heatmap_action.triggered.connect(self.inference.toggle_visible)
+        tb.addAction(self.heatmap_action)
+        self._action(tb, "Fit", self.view.fit)
 
         v = mb.addMenu("&View")
         self._action(v, "Zoom &in", lambda: self.view.zoom_by(1.5), "Ctrl+=")
@@ -156,7 +174,8 @@ class MainWindow(QMainWindow):
 
     def set_slide(self, slide: Slide) -> None:
         old = self.slide
-        self.view.set_slide(slide)  # stops the old slide's tile reads first
+        self.inference.set_slide(None)  # stops inference on the old slide first
+        self.view.set_slide(slide)  # stops the old slide's tile reads
         if old is not None:
             old.close()
         self.slide = slide
@@ -165,6 +184,7 @@ class MainWindow(QMainWindow):
         self.metadata.set_slide(slide)
         self.overview.set_thumbnail(slide.dimensions, None)
         self._update_mag_actions()
+        self.inference.set_slide(slide)
         self.slide_opened.emit(slide)
         if self.view.tiles is not None:
             self.view.loader.tile_loaded.connect(self._on_loader_tile_loaded)
@@ -238,6 +258,7 @@ class MainWindow(QMainWindow):
             self.show_error("Invalid resolution", str(exc))
             return
         self.metadata.set_slide(self.slide)
+        self.inference.set_slide(self.slide)
         self._update_mag_actions()
         self.view.viewport().update()
         self._on_view_viewport_changed(self.view.view_rect_l0(), self.view.scale_factor)
@@ -270,11 +291,25 @@ class MainWindow(QMainWindow):
             self.pos_label.setText("")
             return
         text = f"x {int(x_l0):,}  y {int(y_l0):,} px"
+        prob = self.inference.probability_at(x_l0, y_l0)
+        if prob is not None:
+            text = f"P(IDC) {prob:.2f}   " + text
         if self.slide.mpp:
             text += f"   ({x_l0 * self.slide.mpp:,.1f}, {y_l0 * self.slide.mpp:,.1f} \u00b5m)"
         else:
             text += "   (\u00b5m unknown: set the resolution in the View menu)"
         self.pos_label.setText(text)
+
+    @Slot()
+    def _on_inference_mpp_needed(self) -> None:
+        if self.interactive:
+            self._on_set_mpp_triggered()
+            if self.slide is not None and self.slide.mpp is not None:
+                self.inference.start()
+
+    @Slot(str)
+    def _on_inference_status_message(self, message: str) -> None:
+        self.statusBar().showMessage(message, 10000)
 
     @Slot(str)
     def _on_view_tile_failed(self, message: str) -> None:
@@ -294,6 +329,7 @@ class MainWindow(QMainWindow):
             QMessageBox.critical(self, title, message)
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        self.inference.stop()
         self.view.clear_slide()
         if self.slide is not None:
             self.slide.close()

@@ -149,7 +149,10 @@ class GeneratorWorker(QObject):
 
 
 class JobRunner(QObject):
-    """Owns the single QThread of a long job (inference or training)."""
+    """Owns the single QThread of a long job (inference or training).
+
+    ``finished`` is emitted once the thread itself has finished, never while it still runs.
+    """
 
     report = Signal(object)
     failed = Signal(str)
@@ -159,6 +162,7 @@ class JobRunner(QObject):
         super().__init__(parent)
         self.thread: QThread | None = None
         self.worker: GeneratorWorker | None = None
+        self._completed = False
 
     def running(self) -> bool:
         return self.thread is not None and self.thread.isRunning()
@@ -173,6 +177,8 @@ class JobRunner(QObject):
         self.worker.failed.connect(self._on_worker_failed)
         self.worker.finished.connect(self._on_worker_finished)
         self.worker.finished.connect(self.thread.quit)
+        self.thread.finished.connect(self._on_thread_finished)
+        self._completed = False
         self.thread.start()
 
     def stop(self) -> None:
@@ -180,6 +186,7 @@ class JobRunner(QObject):
         if self.worker is not None:
             self.worker.stop()
         if self.thread is not None:
+            self.thread.finished.disconnect(self._on_thread_finished)
             self.thread.requestInterruption()
             self.thread.quit()
             self.thread.wait()
@@ -195,4 +202,9 @@ class JobRunner(QObject):
 
     @Slot(bool)
     def _on_worker_finished(self, completed: bool) -> None:
-        self.finished.emit(completed)
+        self._completed = completed
+
+    @Slot()
+    def _on_thread_finished(self) -> None:
+        self.thread, self.worker = None, None
+        self.finished.emit(self._completed)

@@ -1,0 +1,76 @@
+"""Headless `predict` command: heatmap .npz, colour-mapped .png and per-patch .csv per slide."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from inference.heatmap import Heatmap, cache_path
+from inference.model import load_checkpoint, pick_device, shipped_model_path
+from inference.predict import PredictSettings, plan, predict_slide
+from inference.slide import SlideError, open_slide
+
+log = logging.getLogger(__name__)
+
+
+def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = "inferno") -> list[Path]:
+    """Write <stem>.heatmap.npz, <stem>.heatmap.png and <stem>.patches.csv atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = heatmap.save(out_dir / f"{stem}.heatmap.npz")
+    png = out_dir / f"{stem}.heatmap.png"
+    tmp = png.with_name(png.name + ".part.png")
+    Image.fromarray(heatmap.to_rgba(colormap)).save(tmp)
+    os.replace(tmp, png)
+    csv_path = out_dir / f"{stem}.patches.csv"
+    tmp = csv_path.with_name(csv_path.name + ".part")
+    rows, cols = np.nonzero(heatmap.patch_done)
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["row", "col", "x_l0", "y_l0", "w_l0", "h_l0", "prob_idc"])
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            rect = heatmap.grid.patch_rect(r, c)
+            w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
+    os.replace(tmp, csv_path)
+    return [npz, png, csv_path]
+
+
+def run_predict(args: Any) -> int:
+    device = pick_device(args.device)
+    model = load_checkpoint(args.model or shipped_model_path(), device)
+    settings = PredictSettings(stride_px=args.stride, batch_size=args.batch_size)
+    out_dir = Path(args.out)
+    failures = 0
+    for slide_path in args.slides:
+        try:
+            slide = open_slide(slide_path, mpp=args.mpp)
+        except SlideError as exc:
+            print(f"idc-viewer predict: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        with slide:
+            if slide.mpp is None:
+                print(f"idc-viewer predict: error: {Path(slide_path).name} has no resolution (MPP); "
+                      "pass --mpp UM.", file=sys.stderr)
+                failures += 1
+                continue
+            heatmap = plan(slide, model, settings)
+            cached = cache_path(heatmap.info)
+            if cached.exists() and not args.no_cache:
+                heatmap = Heatmap.load(cached)
+            total = int(heatmap.tissue.sum())
+            with tqdm(total=total, desc=Path(slide_path).name, unit="patch", file=sys.stderr) as bar:
+                bar.update(int((heatmap.patch_done & heatmap.tissue).sum()))
+                for batch in predict_slide(slide, model, heatmap, device, settings):
+                    bar.update(len(batch.rows))
+            heatmap.save(cached)
+            paths = write_outputs(heatmap, out_dir, Path(slide_path).stem)
+            print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 1 if failures else 0

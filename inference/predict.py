@@ -1,0 +1,177 @@
+"""Whole-slide prediction as a generator of batch results.
+
+Large blocks of patches are read once from the best pyramid level at the model's resolution and
+cut into patches; reader threads prefetch blocks while the model runs; batches are yielded as
+they finish. Closing the generator stops within one batch and shuts the readers down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inference.heatmap import Heatmap, HeatmapInfo
+from inference.model import LoadedModel
+from inference.patches import PatchGrid
+from inference.slide import Slide
+from inference.tissue import MIN_TISSUE, patch_tissue
+
+log = logging.getLogger(__name__)
+
+#: Patches per block side: one read of up to 16 x 16 patches.
+BLOCK = 16
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    stride_px: int | None = None
+    batch_size: int = 256
+    first_batch: int = 32  # a small first batch puts cells on screen quickly
+    min_tissue: float = MIN_TISSUE
+    readers: int = 2
+    prefetch: int = 6
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Patches just computed: grid indices, probabilities, the changed cell block, progress."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    probs: np.ndarray
+    block: tuple[int, int, int, int]
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float:
+        rate = self.patches_per_s
+        return (self.total - self.done) / rate if rate > 0 else math.inf
+
+
+def heatmap_info(slide: Slide, model: LoadedModel, settings: PredictSettings) -> HeatmapInfo:
+    """What a heatmap of this slide by this model would be (its cache key); reads no pixels."""
+    meta = model.meta
+    grid = PatchGrid.build(slide.dimensions, slide.mpp, meta.mpp, meta.patch_size, settings.stride_px)
+    return HeatmapInfo(slide.fingerprint(), model.model_id, grid, settings.min_tissue, meta.threshold)
+
+
+def plan(slide: Slide, model: LoadedModel, settings: PredictSettings) -> Heatmap:
+    """An empty heatmap for this slide and model, with its tissue mask computed."""
+    info = heatmap_info(slide, model, settings)
+    return Heatmap(info, patch_tissue(slide, info.grid, settings.min_tissue))
+
+
+def _blocks(todo: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Blocks of BLOCK x BLOCK patches with work: (row0, col0, rows, cols) in reading order."""
+    rows, cols = todo.shape
+    out = []
+    for r0 in range(0, rows, BLOCK):
+        for c0 in range(0, cols, BLOCK):
+            rr, cc = np.nonzero(todo[r0 : r0 + BLOCK, c0 : c0 + BLOCK])
+            if len(rr):
+                out.append((r0, c0, rr + r0, cc + c0))
+    return out
+
+
+def _read_block(slide: Slide, grid: PatchGrid, r0: int, c0: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Read one block at the model's resolution and cut its patches (n, p, p, 3) uint8."""
+    p, s = grid.patch_px, grid.stride_px
+    r1, c1 = int(rows.max()), int(cols.max())
+    w_px = (c1 - c0) * s + p
+    h_px = (r1 - r0) * s + p
+    x0, y0, _, _ = grid.patch_box(r0, c0)
+    box = (x0, y0, x0 + w_px * grid.scale, y0 + h_px * grid.scale)
+    region = slide.read_box(box, (w_px, h_px))
+    out = np.empty((len(rows), p, p, 3), np.uint8)
+    for i, (r, c) in enumerate(zip(rows - r0, cols - c0, strict=True)):
+        out[i] = region[r * s : r * s + p, c * s : c * s + p]
+    return out
+
+
+def predict_slide(
+    slide: Slide,
+    model: LoadedModel,
+    heatmap: Heatmap,
+    device: torch.device | str = "cpu",
+    settings: PredictSettings = PredictSettings(),
+) -> Iterator[BatchResult]:
+    """Compute every tissue patch not yet done in ``heatmap``, yielding after each batch."""
+    device = torch.device(device)
+    grid = heatmap.grid
+    todo = heatmap.tissue & ~heatmap.patch_done
+    blocks = _blocks(todo)
+    total = int(heatmap.tissue.sum())
+    done = start_done = int((heatmap.tissue & heatmap.patch_done).sum())
+    net = model.net.to(device).eval()
+    cuda = device.type == "cuda"
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    mean = torch.tensor(model.meta.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model.meta.std, device=device).view(1, 3, 1, 1)
+    pool = ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="predict-read")
+    pending: deque[tuple[Future[np.ndarray], np.ndarray, np.ndarray]] = deque()
+    t0 = time.perf_counter()
+    next_block = 0
+
+    def fill() -> None:
+        nonlocal next_block
+        while next_block < len(blocks) and len(pending) < settings.prefetch:
+            r0, c0, rr, cc = blocks[next_block]
+            pending.append((pool.submit(_read_block, slide, grid, r0, c0, rr, cc), rr, cc))
+            next_block += 1
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            x = (x - mean) / std
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = net(x)
+            return torch.sigmoid(logits.float()).cpu().numpy()
+
+    buf_img: list[np.ndarray] = []
+    buf_r: list[np.ndarray] = []
+    buf_c: list[np.ndarray] = []
+    buffered = 0
+    try:
+        fill()
+        while pending or buffered:
+            want = min(settings.first_batch if done == start_done else settings.batch_size, settings.batch_size)
+            while pending and buffered < want:
+                fut, rr, cc = pending.popleft()
+                buf_img.append(fut.result())
+                buf_r.append(rr)
+                buf_c.append(cc)
+                buffered += len(rr)
+                fill()
+            images = np.concatenate(buf_img)
+            rows = np.concatenate(buf_r)
+            cols = np.concatenate(buf_c)
+            n = min(want, len(rows))
+            probs = run(images[:n])
+            block = heatmap.add(rows[:n], cols[:n], probs)
+            done += n
+            buf_img, buf_r, buf_c = [images[n:]], [rows[n:]], [cols[n:]]
+            buffered = len(rows) - n
+            if buffered == 0:
+                buf_img, buf_r, buf_c = [], [], []
+            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0)
+    finally:
+        for fut, _rr, _cc in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)

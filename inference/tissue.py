@@ -1,0 +1,64 @@
+"""Tissue detection at low resolution: Otsu's threshold on saturation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference.patches import PatchGrid
+from inference.slide import Slide
+
+#: Pixels of the low-resolution image per patch side.
+PX_PER_PATCH = 8
+#: A patch is computed when at least this share of it is tissue.
+MIN_TISSUE = 0.1
+
+
+def otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    w0 = np.cumsum(hist)
+    m = np.cumsum(hist * np.arange(256))
+    w1 = total - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (m[-1] * w0 / total - m) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = 0
+    return float(np.argmax(between))
+
+
+def tissue_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of an RGB image (saturated and not too dark)."""
+    mx = rgb.max(axis=2).astype(np.int16)
+    mn = rgb.min(axis=2).astype(np.int16)
+    sat = ((mx - mn) * 255 // np.maximum(mx, 1)).astype(np.uint8)
+    # Otsu separates glass from stain; clamped so an empty slide finds no tissue (floor) and a
+    # slide that is all tissue does not lose its pale stroma to the purple nuclei (ceiling).
+    thr = min(max(otsu(sat), 15.0), 45.0)
+    return (sat > thr) & (mx > 30)
+
+
+def patch_tissue(slide: Slide, grid: PatchGrid, min_tissue: float = MIN_TISSUE) -> np.ndarray:
+    """Boolean (rows, cols) over the patch grid: True where a patch holds enough tissue."""
+    rows, cols = grid.patch_shape
+    if rows == 0 or cols == 0:
+        return np.zeros((rows, cols), bool)
+    px = PX_PER_PATCH / grid.k  # low-res pixels per stride
+    # Read the area covered by the stride grid so each stride square is exactly px x px.
+    w_cells, h_cells = cols + grid.k - 1, rows + grid.k - 1
+    out_w, out_h = round(w_cells * px), round(h_cells * px)
+    box = (0.0, 0.0, w_cells * grid.stride_l0, h_cells * grid.stride_l0)
+    rgb = slide.read_box(box, (max(1, out_w), max(1, out_h)))
+    mask = tissue_pixels(rgb).astype(np.float32)
+    # Fraction of tissue per patch, by a box sum over PX_PER_PATCH x PX_PER_PATCH windows.
+    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    step = px
+    ys = np.round(np.arange(rows) * step).astype(int)
+    xs = np.round(np.arange(cols) * step).astype(int)
+    y1 = np.minimum(ys + PX_PER_PATCH, mask.shape[0])
+    x1 = np.minimum(xs + PX_PER_PATCH, mask.shape[1])
+    s = (integral[y1[:, None], x1[None, :]] - integral[ys[:, None], x1[None, :]]
+         - integral[y1[:, None], xs[None, :]] + integral[ys[:, None], xs[None, :]])
+    area = (y1 - ys)[:, None] * (x1 - xs)[None, :]
+    return (s / np.maximum(area, 1)) >= min_tissue

@@ -1,0 +1,361 @@
+"""The IDC heatmap panel: runs whole-slide inference on a QThread and shows it as it fills in."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtGui import QColor, QLinearGradient, QPainter, QPaintEvent
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo, cache_path, colormap_lut
+from inference.labels import PatchLabel, agreement, labels_path, load_labels
+from inference.model import LoadedModel, pick_device
+from inference.patches import GridError
+from inference.predict import BatchResult, PredictSettings, heatmap_info, plan, predict_slide
+from inference.slide import Slide
+from viewer.layers import HeatmapLayer, OutlineLayer
+from viewer.slide_view import SlideView
+from viewer.workers import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """First report of an inference job: the cells that will be computed."""
+
+    info: HeatmapInfo
+    tissue: np.ndarray
+
+
+def inference_job(slide: Slide, model: LoadedModel, settings: PredictSettings, device: str) -> Iterator[object]:
+    """The worker-thread generator: tissue mask first, then batches."""
+    heatmap = plan(slide, model, settings)
+    yield Planned(heatmap.info, heatmap.tissue.copy())
+    yield from predict_slide(slide, model, heatmap, pick_device(device), settings)
+
+
+class LegendBar(QWidget):
+    """The colour map from probability 0 to 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.colormap = "inferno"
+        self.setMinimumHeight(34)
+
+    def paintEvent(self, event: QPaintEvent) -> None:
+        p = QPainter(self)
+        lut = colormap_lut(self.colormap, 16)
+        grad = QLinearGradient(0, 0, self.width(), 0)
+        for i, (r, g, b) in enumerate(lut.tolist()):
+            grad.setColorAt(i / 15, QColor(r, g, b))
+        p.fillRect(0, 0, self.width(), 14, grad)
+        p.setPen(QColor(40, 40, 40))
+        for frac, text in ((0.0, "0"), (0.5, "0.5"), (1.0, "1  P(IDC)")):
+            x = int(frac * (self.width() - 1))
+            align = Qt.AlignmentFlag.AlignLeft if frac == 0 else (
+                Qt.AlignmentFlag.AlignRight if frac == 1 else Qt.AlignmentFlag.AlignHCenter)
+            left = x if frac == 0 else (x - 80 if frac == 1 else x - 40)
+            p.drawText(left, 16, 80, 16, align, text)
+
+
+class InferencePanel(QWidget):
+    """Run, cancel and style the IDC heatmap of the open slide."""
+
+    mpp_needed = Signal()
+    heatmap_finished = Signal(object)  # Heatmap
+    status_message = Signal(str)
+
+    def __init__(self, view: SlideView, model: LoadedModel | None, device: str = "auto",
+                 settings: PredictSettings = PredictSettings()) -> None:
+        super().__init__()
+        self.view = view
+        self.model = model
+        self.device = device
+        self.settings = settings
+        self.slide: Slide | None = None
+        self.heatmap: Heatmap | None = None
+        self.layer: HeatmapLayer | None = None
+        self.truth: OutlineLayer | None = None
+        self.labels: list[PatchLabel] = []
+        self.runner = JobRunner(self)
+        self.runner.report.connect(self._on_runner_report)
+        self.runner.failed.connect(self._on_runner_failed)
+        self.runner.finished.connect(self._on_runner_finished)
+        self._build()
+        self._update_controls()
+
+    # -- widgets ----------------------------------------------------------------------------
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        layout.addWidget(self.model_label)
+        row = QHBoxLayout()
+        self.run_button = QPushButton("Run IDC heatmap")
+        self.run_button.clicked.connect(self.start)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.run_button)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m patches")
+        layout.addWidget(self.progress)
+        self.rate_label = QLabel("")
+        layout.addWidget(self.rate_label)
+
+        form = QFormLayout()
+        self.show_box = QCheckBox("Show heatmap (H)")
+        self.show_box.setChecked(True)
+        self.show_box.toggled.connect(self._on_show_toggled)
+        form.addRow(self.show_box)
+        self.opacity = QSlider(Qt.Orientation.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(55)
+        self.opacity.valueChanged.connect(self._on_style_changed)
+        form.addRow("Opacity", self.opacity)
+        self.colormap = QComboBox()
+        self.colormap.addItems(list(COLORMAPS))
+        self.colormap.currentTextChanged.connect(self._on_style_changed)
+        form.addRow("Colour map", self.colormap)
+        self.legend = LegendBar()
+        form.addRow(self.legend)
+        self.threshold = QSlider(Qt.Orientation.Horizontal)
+        self.threshold.setRange(0, 100)
+        self.threshold.setValue(0)
+        self.threshold.valueChanged.connect(self._on_style_changed)
+        self.threshold_label = QLabel("0.00")
+        trow = QHBoxLayout()
+        trow.addWidget(self.threshold)
+        trow.addWidget(self.threshold_label)
+        form.addRow("Show P \u2265", trow)
+        self.tissue_box = QCheckBox("Show tissue mask (cells to compute)")
+        self.tissue_box.toggled.connect(self._on_style_changed)
+        form.addRow(self.tissue_box)
+        self.truth_box = QCheckBox("Show ground truth outline (IDC)")
+        self.truth_box.toggled.connect(self._on_truth_toggled)
+        form.addRow(self.truth_box)
+        layout.addLayout(form)
+        self.agreement_label = QLabel("")
+        self.agreement_label.setWordWrap(True)
+        layout.addWidget(self.agreement_label)
+        layout.addStretch(1)
+
+    def _update_controls(self) -> None:
+        running = self.runner.running()
+        has_model = self.model is not None
+        self.run_button.setEnabled(has_model and self.slide is not None and not running
+                                   and not (self.heatmap is not None and self.heatmap.complete))
+        self.cancel_button.setEnabled(running)
+        self.truth_box.setEnabled(bool(self.labels))
+        if self.model is None:
+            self.model_label.setText("No model loaded: the IDC heatmap is unavailable.")
+        else:
+            m = self.model.meta
+            self.model_label.setText(
+                f"Model {self.model.model_id}: {m.patch_size}x{m.patch_size} px patches at "
+                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m), threshold {m.threshold:.2f}"
+            )
+
+    # -- slide and model --------------------------------------------------------------------
+    def set_slide(self, slide: Slide | None) -> None:
+        """Forget the previous slide's heatmap (stopping its job) and show a cached one if any."""
+        self.stop()
+        self._remove_layers()
+        self.slide, self.heatmap = slide, None
+        self.labels = []
+        self.progress.reset()
+        self.rate_label.setText("")
+        self.agreement_label.setText("")
+        if slide is not None:
+            lp = labels_path(slide.path)
+            if lp.exists():
+                try:
+                    self.labels = load_labels(lp)
+                except (OSError, ValueError, KeyError):
+                    log.warning("ignoring unreadable labels %s", lp)
+            self._load_cached()
+        if self.truth_box.isChecked():
+            self._on_truth_toggled(True)
+        self._update_controls()
+
+    def set_model(self, model: LoadedModel) -> None:
+        """Switch model: the heatmap of the open slide is recomputed (or taken from the cache)."""
+        self.stop()
+        self.model = model
+        self._remove_heatmap()
+        self._load_cached()
+        self._update_controls()
+
+    def _load_cached(self) -> bool:
+        if self.slide is None or self.model is None or self.slide.mpp is None:
+            return False
+        try:
+            info = heatmap_info(self.slide, self.model, self.settings)
+        except GridError:
+            return False
+        path = cache_path(info)
+        if not path.exists():
+            return False
+        try:
+            hm = Heatmap.load(path)
+        except (OSError, ValueError, KeyError):
+            log.warning("ignoring unreadable cached heatmap %s", path)
+            return False
+        self._show_heatmap(hm)
+        self.progress.setRange(0, int(hm.tissue.sum()))
+        self.progress.setValue(int((hm.patch_done & hm.tissue).sum()))
+        self.rate_label.setText("Loaded from cache.")
+        self._update_agreement()
+        return True
+
+    # -- running ----------------------------------------------------------------------------
+    @Slot()
+    def start(self) -> None:
+        """Start (or resume) inference on the open slide."""
+        if self.slide is None or self.model is None or self.runner.running():
+            return
+        if self.slide.mpp is None:
+            self.status_message.emit("Enter the slide's resolution (MPP) before running the model.")
+            self.mpp_needed.emit()
+            return
+        if self._load_cached() and self.heatmap is not None and self.heatmap.complete:
+            return
+        slide, model, settings, device = self.slide, self.model, self.settings, self.device
+        self.runner.start(lambda: inference_job(slide, model, settings, device))
+        self.rate_label.setText("Finding tissue\u2026")
+        self._update_controls()
+
+    @Slot()
+    def cancel(self) -> None:
+        if self.runner.running():
+            self.stop()
+            self.rate_label.setText("Cancelled; cells already computed stay on the slide.")
+            self._update_controls()
+
+    def stop(self) -> None:
+        """Stop a running job and wait for its thread (within one batch)."""
+        self.runner.stop()
+
+    def toggle_visible(self) -> None:
+        """H: show/hide; the first time on a slide, start computing."""
+        if self.heatmap is None and not self.runner.running():
+            self.show_box.setChecked(True)
+            self.start()
+        else:
+            self.show_box.setChecked(not self.show_box.isChecked())
+
+    @Slot(object)
+    def _on_runner_report(self, report: object) -> None:
+        if isinstance(report, Planned):
+            if self.heatmap is None or self.heatmap.info != report.info:
+                self._show_heatmap(Heatmap(report.info, report.tissue))
+            self.progress.setRange(0, int(report.tissue.sum()))
+            self.progress.setValue(int((self.heatmap.patch_done & report.tissue).sum()))
+            self.rate_label.setText("Computing\u2026")
+        elif isinstance(report, BatchResult) and self.heatmap is not None and self.layer is not None:
+            block = self.heatmap.add(report.rows, report.cols, report.probs)
+            self.layer.refresh(block)
+            self.progress.setValue(report.done)
+            eta = "" if report.eta_s == float("inf") else f", ETA {report.eta_s:.0f} s"
+            self.rate_label.setText(f"{report.patches_per_s:.0f} patches/s{eta}")
+
+    @Slot(str)
+    def _on_runner_failed(self, message: str) -> None:
+        self.rate_label.setText(f"Inference failed: {message}")
+        self.status_message.emit(f"Inference failed: {message}")
+
+    @Slot(bool)
+    def _on_runner_finished(self, completed: bool) -> None:
+        self._update_controls()
+        if not completed or self.heatmap is None:
+            return
+        try:
+            self.heatmap.save(cache_path(self.heatmap.info))
+        except OSError:
+            log.warning("could not cache the heatmap", exc_info=True)
+        self.rate_label.setText(f"Done: {int(self.heatmap.tissue.sum())} tissue patches.")
+        self._update_agreement()
+        self.heatmap_finished.emit(self.heatmap)
+
+    # -- display ----------------------------------------------------------------------------
+    def _show_heatmap(self, heatmap: Heatmap) -> None:
+        self._remove_heatmap()
+        self.heatmap = heatmap
+        self.layer = HeatmapLayer(heatmap)
+        self.view.scene().addItem(self.layer)
+        self._on_style_changed()
+        self.layer.setVisible(self.show_box.isChecked())
+
+    def _remove_heatmap(self) -> None:
+        if self.layer is not None:
+            self.view.scene().removeItem(self.layer)
+        self.layer, self.heatmap = None, None
+
+    def _remove_layers(self) -> None:
+        self._remove_heatmap()
+        if self.truth is not None:
+            self.view.scene().removeItem(self.truth)
+            self.truth = None
+
+    @Slot()
+    def _on_style_changed(self, *_: object) -> None:
+        thr = self.threshold.value() / 100
+        self.threshold_label.setText(f"{thr:.2f}")
+        self.legend.colormap = self.colormap.currentText()
+        self.legend.update()
+        if self.layer is not None:
+            self.layer.colormap = self.colormap.currentText()
+            self.layer.threshold = thr
+            self.layer.show_tissue = self.tissue_box.isChecked()
+            self.layer.setOpacity(self.opacity.value() / 100)
+            self.layer.refresh()
+
+    @Slot(bool)
+    def _on_show_toggled(self, on: bool) -> None:
+        if self.layer is not None:
+            self.layer.setVisible(on)
+
+    @Slot(bool)
+    def _on_truth_toggled(self, on: bool) -> None:
+        if on and self.truth is None and self.labels:
+            self.truth = OutlineLayer([lab.rect for lab in self.labels if lab.label == 1], QColor(0, 200, 255))
+            self.view.scene().addItem(self.truth)
+        if self.truth is not None:
+            self.truth.setVisible(on)
+
+    def _update_agreement(self) -> None:
+        if self.heatmap is None or not self.labels:
+            return
+        m = agreement(self.heatmap, self.labels)
+        if m is not None:
+            self.agreement_label.setText(
+                f"Agreement with the ground truth ({m.n} labelled patches): AUC {m.auc:.3f}, "
+                f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} at threshold {m.threshold:.2f}."
+            )
+
+    def probability_at(self, x_l0: float, y_l0: float) -> float | None:
+        """IDC probability of the cell under a level-0 point, if computed."""
+        if self.heatmap is None:
+            return None
+        cell = self.heatmap.grid.cell_at(x_l0, y_l0)
+        if cell is None:
+            return None
+        p = self.heatmap.prob[cell]
+        return float(p) if np.isfinite(p) else None
