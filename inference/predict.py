@@ -107,9 +107,10 @@ def predict_slide(
     model: LoadedModel,
     heatmap: Heatmap,
     device: torch.device | str = "cpu",
-    settings: PredictSettings = PredictSettings(),
+    settings: PredictSettings | None = None,
 ) -> Iterator[BatchResult]:
     """Compute every tissue patch not yet done in ``heatmap``, yielding after each batch."""
+    settings = settings or PredictSettings()
     device = torch.device(device)
     grid = heatmap.grid
     todo = heatmap.tissue & ~heatmap.patch_done

@@ -82,12 +82,12 @@ class InferencePanel(QWidget):
     status_message = Signal(str)
 
     def __init__(self, view: SlideView, model: LoadedModel | None, device: str = "auto",
-                 settings: PredictSettings = PredictSettings()) -> None:
+                 settings: PredictSettings | None = None) -> None:
         super().__init__()
         self.view = view
         self.model = model
         self.device = device
-        self.settings = settings
+        self.settings = settings or PredictSettings()
         self.slide: Slide | None = None
         self.heatmap: Heatmap | None = None
         self.layer: HeatmapLayer | None = None

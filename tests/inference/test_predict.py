@@ -1,0 +1,162 @@
+"""Whole-slide inference: alignment against known real patches, tissue, outputs, cache."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inference.heatmap import Heatmap
+from inference.model import LoadedModel, load_checkpoint, shipped_model_path
+from inference.patches import GridError, PatchGrid
+from inference.predict import PredictSettings, plan, predict_slide
+from inference.slide import open_slide
+from inference.tiff_writer import write_pyramid_from_array
+from tests.conftest import DEMO, need_patches
+from training.data import load_patch
+from training.loop import predict_patches
+from viewer.cli import main
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return load_checkpoint(shipped_model_path())
+
+
+@pytest.fixture(scope="module")
+def real_patches() -> list[np.ndarray]:
+    """30 real 50x50 patches of several patients, both classes."""
+    root = need_patches()
+    with open(root / "manifest.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["width"] == "50" and r["height"] == "50"]
+    rng = np.random.default_rng(0)
+    pick = [rows[i] for i in rng.choice(len(rows), 30, replace=False)]
+    return [load_patch(root / r["path"]) for r in pick]
+
+
+def mosaic(patches: list[np.ndarray], shape: tuple[int, int], up: int, seed: int = 0):
+    """A level-0 image whose grid cells are the given patches (upsampled ``up`` x) or blank."""
+    rows, cols = shape
+    rng = np.random.default_rng(seed)
+    cells = rng.choice(rows * cols, len(patches), replace=False)
+    img = np.full((rows * 50 * up, cols * 50 * up, 3), 255, np.uint8)
+    placed = {}
+    for patch, cell in zip(patches, cells, strict=True):
+        r, c = divmod(int(cell), cols)
+        big = np.repeat(np.repeat(patch, up, axis=0), up, axis=1)
+        img[r * 50 * up : (r + 1) * 50 * up, c * 50 * up : (c + 1) * 50 * up] = big
+        placed[(r, c)] = patch
+    return img, placed
+
+
+def test_heatmap_cells_match_the_model_on_the_original_patches(tmp_path: Path, model: LoadedModel, real_patches) -> None:
+    img, placed = mosaic(real_patches, (7, 9), up=4)
+    path = tmp_path / "mosaic.tif"
+    write_pyramid_from_array(path, img, model.meta.mpp / 4, downsamples=(1, 4, 16), compression="zlib")
+    expected = predict_patches(model.net, model.meta, np.stack(list(placed.values())), torch.device("cpu"))
+    with open_slide(path) as slide:
+        hm = plan(slide, model, PredictSettings(batch_size=16, first_batch=4))
+        assert hm.grid.patch_l0 == 200 and hm.grid.patch_shape == (7, 9)
+        for _ in predict_slide(slide, model, hm):
+            pass
+    got = np.array([hm.patch_prob[rc] for rc in placed])
+    computed = np.isfinite(got)
+    np.testing.assert_allclose(got[computed], expected[computed], atol=2e-3)
+    # Blank background cells are never computed.
+    blank = np.ones(hm.grid.patch_shape, bool)
+    for rc in placed:
+        blank[rc] = False
+    assert not hm.patch_done[blank].any()
+    assert hm.patch_done[tuple(np.array(list(placed)).T)].mean() > 0.9  # pale real patches may be skipped
+    # Each computed cell is exactly the level-0 rectangle of its patch.
+    for (r, c) in placed:
+        rect = hm.grid.patch_rect(r, c)
+        assert (rect.x, rect.y, rect.w, rect.h) == (c * 200, r * 200, 200, 200)
+
+
+def test_jpeg_and_non_integer_mpp_ratio(tmp_path: Path, model: LoadedModel, real_patches) -> None:
+    img, placed = mosaic(real_patches[:12], (4, 5), up=3, seed=1)
+    # Level 0 is 3x the model's resolution, stored with a 0.5% scale error: ratio 2.985.
+    path = tmp_path / "jpeg.tif"
+    mpp = model.meta.mpp / 2.985
+    write_pyramid_from_array(path, img, mpp, downsamples=(1, 3), compression="jpeg", quality=95)
+    expected = predict_patches(model.net, model.meta, np.stack(list(placed.values())), torch.device("cpu"))
+    with open_slide(path) as slide:
+        hm = plan(slide, model, PredictSettings())
+        assert hm.grid.patch_l0 == pytest.approx(149.25)
+        for _ in predict_slide(slide, model, hm):
+            pass
+    done = [rc for rc in placed if hm.patch_done[rc]]
+    got = np.array([hm.patch_prob[rc] for rc in done])
+    exp = np.array([expected[list(placed).index(rc)] for rc in done])
+    # Cells drift by up to 0.75 px per cell from the true patches here, plus JPEG noise.
+    assert np.corrcoef(got, exp)[0, 1] > 0.9
+    assert np.abs(got - exp).mean() < 0.1
+
+
+def test_no_mpp_slide_needs_a_resolution(slide_no_mpp, model: LoadedModel) -> None:
+    path, _ = slide_no_mpp
+    with open_slide(path) as slide:
+        with pytest.raises(GridError, match="resolution"):
+            plan(slide, model, PredictSettings())
+    with open_slide(path, mpp=2.0) as slide:
+        hm = plan(slide, model, PredictSettings())
+        assert hm.grid.patch_l0 == 100
+
+
+def test_half_stride_averages_overlaps() -> None:
+    grid = PatchGrid.build((1000, 1000), 1.0, 4.0, 50, 25)
+    assert grid.k == 2 and grid.patch_shape == (9, 9) and grid.cell_shape == (10, 10)
+    from inference.heatmap import HeatmapInfo
+
+    hm = Heatmap(HeatmapInfo("s", "m", grid, 0.1), np.ones(grid.patch_shape, bool))
+    hm.add(np.array([0, 0]), np.array([0, 1]), np.array([0.2, 0.6], np.float32))
+    assert hm.prob[0, 0] == pytest.approx(0.2) and hm.prob[0, 1] == pytest.approx(0.4)
+    assert hm.prob[1, 2] == pytest.approx(0.6) and np.isnan(hm.prob[0, 3])
+    with pytest.raises(GridError):
+        PatchGrid.build((1000, 1000), 1.0, 4.0, 50, 20)
+
+
+def test_cancel_closes_the_readers(model: LoadedModel) -> None:
+    with open_slide(DEMO) as slide:
+        hm = plan(slide, model, PredictSettings(batch_size=32))
+        gen = predict_slide(slide, model, hm, settings=PredictSettings(batch_size=32))
+        first = next(gen)
+        gen.close()
+        assert first.done == 32 and hm.patch_done.sum() == 32
+        # Deterministic: the same cells again give the same probabilities.
+        hm2 = plan(slide, model, PredictSettings(batch_size=32))
+        second = next(predict_slide(slide, model, hm2, settings=PredictSettings(batch_size=32)))
+    np.testing.assert_array_equal(first.probs, second.probs)
+
+
+def test_predict_cli_outputs(tmp_path: Path, model: LoadedModel) -> None:
+    rc = main(["predict", str(DEMO), "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    hm = Heatmap.load(tmp_path / "demo_idc_8975.heatmap.npz")
+    assert hm.complete and hm.info.model_id == model.model_id
+    png = np.asarray(Image.open(tmp_path / "demo_idc_8975.heatmap.png"))
+    assert png.shape[:2] == hm.grid.cell_shape and png.shape[2] == 4
+    with open(tmp_path / "demo_idc_8975.patches.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == int(hm.tissue.sum())
+    r = rows[0]
+    assert int(r["w_l0"]) == 50 and 0 <= float(r["prob_idc"]) <= 1
+    assert float(r["prob_idc"]) == pytest.approx(float(hm.patch_prob[int(r["row"]), int(r["col"])]), abs=1e-6)
+    # Second run: a cache hit, the same results.
+    rc = main(["predict", str(DEMO), "--out", str(tmp_path / "again"), "--device", "cpu"])
+    assert rc == 0
+    again = Heatmap.load(tmp_path / "again" / "demo_idc_8975.heatmap.npz")
+    np.testing.assert_array_equal(again.patch_prob, hm.patch_prob)
+
+
+def test_predict_cli_bad_slide_and_missing_mpp(tmp_path: Path, slide_no_mpp, capsys) -> None:
+    bad = tmp_path / "x.svs"
+    bad.write_bytes(b"junk")
+    assert main(["predict", str(bad), str(slide_no_mpp[0]), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "x.svs" in err and "--mpp" in err and "Traceback" not in err

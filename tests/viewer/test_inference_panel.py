@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QSettings
+
+from inference.model import load_checkpoint, shipped_model_path
+from inference.predict import BatchResult, PredictSettings
+from tests.conftest import CMU_SVS, DEMO
+from viewer.main_window import MainWindow
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_checkpoint(shipped_model_path())
+
+
+@pytest.fixture
+def window(qtbot, tmp_path: Path, model) -> MainWindow:
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    w = MainWindow(settings=settings, interactive=False, model=model, device="cpu")
+    w.inference.settings = PredictSettings(batch_size=64, first_batch=16)
+    qtbot.addWidget(w)
+    w.resize(1000, 700)
+    w.show()
+    return w
+
+
+def test_heatmap_fills_in_and_hover_shows_probability(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    assert window.open_path(CMU_SVS)
+    with qtbot.waitSignal(window.inference.heatmap_finished, timeout=60_000):
+        window.heatmap_action.trigger()  # H: first press computes
+    hm = window.inference.heatmap
+    assert hm is not None and hm.complete and window.inference.layer.isVisible()
+    thread_gone = window.inference.runner.thread is None
+    assert thread_gone and not window.inference.cancel_button.isEnabled()
+    r, c = np.argwhere(hm.patch_done)[0]
+    rect = hm.grid.patch_rect(int(r), int(c))
+    window._on_view_cursor_moved(rect.x + rect.w / 2, rect.y + rect.h / 2)
+    assert window.pos_label.text().startswith(f"P(IDC) {hm.patch_prob[r, c]:.2f}")
+    window.heatmap_action.trigger()  # H again: hide
+    assert not window.inference.layer.isVisible()
+    # Reopen: shown at once from the per-user cache, no job started.
+    assert window.open_path(CMU_SVS)
+    assert window.inference.heatmap is not None and window.inference.heatmap.complete
+    assert not window.inference.runner.running()
+    assert "cache" in window.inference.rate_label.text()
+
+
+def test_cancel_mid_run_keeps_computed_cells(qtbot, window: MainWindow) -> None:
+    assert window.open_path(DEMO)
+    reports: list[BatchResult] = []
+    window.inference.runner.report.connect(lambda r: reports.append(r) if isinstance(r, BatchResult) else None)
+    window.inference.start()
+    qtbot.waitUntil(lambda: len(reports) >= 1, timeout=30_000)
+    window.inference.cancel()
+    assert not window.inference.runner.running() and window.inference.runner.thread is None
+    hm = window.inference.heatmap
+    assert 0 < hm.patch_done.sum() < hm.tissue.sum()
+    assert window.inference.run_button.isEnabled()  # can resume
+    assert "Cancelled" in window.inference.rate_label.text()
+
+
+def test_close_window_mid_run(qtbot, window: MainWindow) -> None:
+    assert window.open_path(DEMO)
+    window.inference.start()
+    runner = window.inference.runner
+    thread = runner.thread
+    qtbot.waitUntil(lambda: window.inference.heatmap is not None, timeout=30_000)
+    window.close()
+    assert thread.isFinished() and runner.thread is None
+
+
+def test_switching_slide_mid_run_stops_the_job(qtbot, window: MainWindow) -> None:
+    assert window.open_path(DEMO)
+    window.inference.start()
+    qtbot.waitUntil(lambda: window.inference.heatmap is not None, timeout=30_000)
+    demo_fp = window.slide.fingerprint()
+    assert window.open_path(CMU_SVS)
+    assert not window.inference.runner.running()
+    hm = window.inference.heatmap  # none, or CMU's own from the cache: never the demo's
+    assert hm is None or hm.info.slide_fingerprint == window.slide.fingerprint() != demo_fp
+
+
+def test_slide_without_mpp_asks_before_running(qtbot, window: MainWindow, slide_no_mpp) -> None:
+    assert window.open_path(slide_no_mpp[0])
+    with qtbot.waitSignal(window.inference.mpp_needed, timeout=2000):
+        window.inference.start()
+    assert not window.inference.runner.running()  # nothing runs at a guessed scale
+
+
+def test_ground_truth_outline_and_agreement(qtbot, window: MainWindow) -> None:
+    assert window.open_path(DEMO)
+    assert window.inference.truth_box.isEnabled()
+    window.inference.truth_box.setChecked(True)
+    assert window.inference.truth is not None and not window.inference.truth.path().isEmpty()
+    with qtbot.waitSignal(window.inference.heatmap_finished, timeout=120_000):
+        window.inference.start()
+    text = window.inference.agreement_label.text()
+    assert "AUC" in text
+    auc = float(text.split("AUC ")[1].split(",")[0])
+    assert auc > 0.8
