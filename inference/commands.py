@@ -13,6 +13,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from inference.annotation_io import dumps_geojson, read_file, write_atomic
+from inference.annotations import AnnotationError, AnnotationStore, regions_from_heatmap
+from inference.export import export_regions
 from inference.heatmap import Heatmap, cache_path
 from inference.model import load_checkpoint, pick_device, shipped_model_path
 from inference.predict import PredictSettings, plan, predict_slide
@@ -21,8 +24,9 @@ from inference.slide import SlideError, open_slide
 log = logging.getLogger(__name__)
 
 
-def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = "inferno") -> list[Path]:
-    """Write <stem>.heatmap.npz, <stem>.heatmap.png and <stem>.patches.csv atomically."""
+def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = "inferno",
+                  mpp: float | None = None, min_area_um2: float = 0.0) -> list[Path]:
+    """Write <stem>.heatmap.npz/.heatmap.png/.patches.csv and IDC regions <stem>.idc.geojson."""
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = heatmap.save(out_dir / f"{stem}.heatmap.npz")
     png = out_dir / f"{stem}.heatmap.png"
@@ -39,7 +43,10 @@ def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = "i
             rect = heatmap.grid.patch_rect(r, c)
             w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
     os.replace(tmp, csv_path)
-    return [npz, png, csv_path]
+    regions = regions_from_heatmap(heatmap, heatmap.info.threshold, min_area_um2, mpp)
+    geojson = out_dir / f"{stem}.idc.geojson"
+    write_atomic(geojson, dumps_geojson(regions, AnnotationStore()))
+    return [npz, png, csv_path, geojson]
 
 
 def run_predict(args: Any) -> int:
@@ -71,6 +78,30 @@ def run_predict(args: Any) -> int:
                 for batch in predict_slide(slide, model, heatmap, device, settings):
                     bar.update(len(batch.rows))
             heatmap.save(cached)
-            paths = write_outputs(heatmap, out_dir, Path(slide_path).stem)
+            paths = write_outputs(heatmap, out_dir, Path(slide_path).stem, mpp=slide.mpp,
+                                  min_area_um2=args.min_area)
             print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 1 if failures else 0
+
+
+def run_export(args: Any) -> int:
+    """Crops, masks and the report of an annotation file's regions, headless."""
+    try:
+        imported = read_file(args.annotations)
+    except AnnotationError as exc:
+        print(f"idc-viewer export: error: {exc}", file=sys.stderr)
+        return 2
+    for line in imported.skipped:
+        print(f"idc-viewer export: skipped {line}", file=sys.stderr)
+    store = AnnotationStore()
+    for c in imported.classes:
+        store.ensure_class(c.name, c.color)
+    annotations = [a for a in imported.annotations if args.cls is None or a.cls in args.cls]
+    with open_slide(args.slide, mpp=args.mpp) as slide:
+        heatmap = Heatmap.load(args.heatmap) if args.heatmap else None
+        if heatmap is not None and heatmap.info.slide_fingerprint != slide.fingerprint():
+            print("idc-viewer export: error: the heatmap was computed on another slide.", file=sys.stderr)
+            return 2
+        paths = export_regions(slide, annotations, Path(args.out), args.mpp_out, args.overlay, heatmap, store)
+    print(f"wrote {len(paths)} files to {args.out} ({len(annotations)} regions)", file=sys.stderr)
+    return 0

@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("train", "evaluate", "predict")
+SUBCOMMANDS = ("train", "evaluate", "predict", "export")
 
 
 def _positive_float(text: str) -> float:
@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mpp", type=_positive_float, default=None, help="um per level-0 pixel, for slides without it")
     pr.add_argument("--batch-size", type=int, default=256)
     pr.add_argument("--no-cache", action="store_true", help="recompute even if a cached heatmap exists")
+    pr.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
+                    help="smallest IDC region written to <stem>.idc.geojson, in um2")
+
+    ex = sub.add_parser("export", help="export annotated regions: crops, masks and a report")
+    ex.add_argument("slide")
+    ex.add_argument("--annotations", required=True, help="QuPath GeoJSON or ASAP XML file")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--mpp-out", type=_positive_float, default=None, metavar="UM",
+                    help="resolution of the crops in um per pixel (default: level 0)")
+    ex.add_argument("--overlay", action="store_true", help="draw outlines (and the heatmap, with --heatmap)")
+    ex.add_argument("--heatmap", default=None, help="a .heatmap.npz from `predict` to overlay and measure")
+    ex.add_argument("--class", dest="cls", action="append", default=None, metavar="NAME",
+                    help="only regions of this class (repeatable)")
+    ex.add_argument("--mpp", type=_positive_float, default=None, help="um per level-0 pixel, for slides without it")
 
     e = sub.add_parser("evaluate", help="print a model's metrics on patch folders")
     _add_data_args(e)
@@ -121,6 +135,10 @@ def _run_headless(args: argparse.Namespace) -> int:
             from inference.commands import run_predict
 
             return run_predict(args)
+        if args.command == "export":
+            from inference.commands import run_export
+
+            return run_export(args)
         if args.command == "evaluate":
             from training.commands import run_evaluate
 

@@ -1,0 +1,154 @@
+"""Whole-slide inference benchmark (issue 4), all figures from one process.
+
+On a generated 25,000 x 25,000 slide at 1 um/px (real tissue texture, JPEG, 3 levels), with
+the shipped model:
+
+(a) pipeline patches/s vs a naive pipeline (one read_region per patch at level 0, resize,
+    batch of 1), measured on the same cells; target >= 20x;
+(b) pipeline patches/s as a fraction of the model's pure compute rate on random tensors of
+    the same batch size; target >= 80%;
+(c) time from pressing "run" to the first heatmap cells (tissue detection included); <= 2 s;
+(d) the GUI event loop's worst lag while inference runs in the viewer; target <= 50 ms.
+
+Run: python -m benchmarks.predict_pipeline [--device cpu|cuda] [--cells N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np  # noqa: E402
+import openslide  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.synthetic import big_slide  # noqa: E402
+from inference.model import load_checkpoint, pick_device, shipped_model_path  # noqa: E402
+from inference.predict import PredictSettings, plan, predict_slide  # noqa: E402
+from inference.slide import open_slide  # noqa: E402
+
+
+def pure_model_rate(model, device: torch.device, batch: int, seconds: float = 8.0) -> float:  # noqa: ANN001
+    """Patches/s of the network alone on random tensors already on the device."""
+    net = model.net.to(device).eval()
+    cuda = device.type == "cuda"
+    x = torch.randn(batch, 3, model.meta.patch_size, model.meta.patch_size, device=device)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    n = 0
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        net(x)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            torch.sigmoid(net(x).float()).cpu()
+            n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def naive_rate(path: str, model, grid, cells: list[tuple[int, int]], device: torch.device) -> float:  # noqa: ANN001
+    """One read_region per patch at level 0, resize to the model's size, batch of 1."""
+    osr = openslide.OpenSlide(path)
+    net = model.net.to(device).eval()
+    p = model.meta.patch_size
+    t0 = time.perf_counter()
+    for r, c in cells:
+        rect = grid.patch_rect(r, c)
+        img = osr.read_region((rect.x, rect.y), 0, (rect.w, rect.h)).convert("RGB").resize((p, p), Image.BILINEAR)
+        with torch.inference_mode():
+            x = model.normalise(np.asarray(img)[None], device)
+            torch.sigmoid(net(x)).item()
+    osr.close()
+    return len(cells) / (time.perf_counter() - t0)
+
+
+def gui_lag(path: str, model, device: str, seconds: float) -> tuple[float, int]:  # noqa: ANN001
+    """Worst gap between 5 ms timer ticks while the viewer runs inference (ms), and cells done."""
+    from PySide6.QtCore import QElapsedTimer, QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from viewer.main_window import MainWindow
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    w = MainWindow(interactive=False, model=model, device=device)
+    w.resize(1600, 1000)
+    w.show()
+    w.open_path(path)
+    gaps: list[float] = []
+    clock = QElapsedTimer()
+    clock.start()
+    last = [clock.elapsed()]
+
+    def tick() -> None:
+        now = clock.elapsed()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer = QTimer()
+    timer.setInterval(5)
+    timer.timeout.connect(tick)
+    timer.start()
+    w.inference.start()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds and w.inference.runner.running():
+        app.processEvents()
+        time.sleep(0.001)
+    done = int(w.inference.heatmap.patch_done.sum()) if w.inference.heatmap is not None else 0
+    timer.stop()
+    w.close()
+    return (max(gaps) - 5 if gaps else float("nan")), done
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--naive-cells", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=256)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    device = pick_device(args.device)
+    path = big_slide(25_000, 25_000, mpp=1.0, scale_l0=4.0)
+    model = load_checkpoint(shipped_model_path())
+    settings = PredictSettings(batch_size=args.batch_size)
+
+    with open_slide(path) as slide:
+        t0 = time.perf_counter()
+        hm = plan(slide, model, settings)
+        gen = predict_slide(slide, model, hm, device, settings)
+        first = next(gen)
+        t_first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        n0 = first.done
+        for batch in gen:
+            pass
+        whole = time.perf_counter() - t0
+        rate = (batch.done - n0) / (time.perf_counter() - t1)
+        total = int(hm.tissue.sum())
+    cells = [tuple(rc) for rc in np.argwhere(hm.tissue)[:: max(1, total // args.naive_cells)][: args.naive_cells]]
+    naive = naive_rate(str(path), model, hm.grid, cells, device)
+    pure = pure_model_rate(model, device, args.batch_size)
+    lag_ms, lag_cells = gui_lag(str(path), model, str(device), seconds=20)
+
+    print(f"slide {path.name}: {slide.dimensions[0]} x {slide.dimensions[1]} at 1 um/px, "
+          f"{total} tissue cells of {hm.grid.patch_shape[0] * hm.grid.patch_shape[1]}; device {device}; "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"whole slide: {whole:.1f} s, pipeline {rate:.0f} patches/s")
+    print(f"(a) naive pipeline {naive:.1f} patches/s on {len(cells)} cells; ratio pipeline/naive {rate / naive:.1f}x"
+          f"  (target >= 20x)")
+    print(f"(b) pure model {pure:.0f} patches/s (batch {args.batch_size}); pipeline/pure {rate / pure:.0%}"
+          f"  (target >= 80%)")
+    print(f"(c) time to first heatmap cells: {t_first:.2f} s  (target <= 2 s)")
+    print(f"(d) GUI event loop worst lag during inference: {lag_ms:.0f} ms over {lag_cells} cells"
+          f"  (target <= 50 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

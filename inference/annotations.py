@@ -1,0 +1,204 @@
+"""Annotations: immutable values with shapely geometry in level-0 pixels, and a store with undo.
+
+The store is a plain Python model: views subscribe with ``store.subscribe(callback)``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from inference.heatmap import Heatmap
+
+
+class AnnotationError(Exception):
+    """Annotations could not be read or written; one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class AnnotationClass:
+    name: str
+    color: tuple[int, int, int]
+
+
+DEFAULT_CLASSES: tuple[AnnotationClass, ...] = (
+    AnnotationClass("IDC", (220, 30, 30)),
+    AnnotationClass("Non-IDC", (30, 160, 60)),
+    AnnotationClass("Tissue", (40, 90, 220)),
+    AnnotationClass("Other", (150, 150, 150)),
+)
+
+SOURCES = ("manual", "model")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One region or point; ``geometry`` is in level-0 pixels."""
+
+    geometry: BaseGeometry = field(compare=False)
+    cls: str = "IDC"
+    name: str = ""
+    note: str = ""
+    source: str = "manual"
+    id: str = field(default_factory=new_id)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}")
+
+    def same_as(self, other: Annotation) -> bool:
+        """Equal fields and equal geometry (exactly)."""
+        return self == other and self.geometry.equals_exact(other.geometry, 0)
+
+    def area_um2(self, mpp: float | None) -> float | None:
+        """Area in square micrometres, or None when the slide's resolution is unknown."""
+        if mpp is None:
+            return None
+        return float(self.geometry.area) * mpp * mpp
+
+    def heatmap_stats(self, heatmap: Heatmap | None) -> tuple[float | None, float | None]:
+        """(mean IDC probability, share of cells at or above the model threshold) under the region."""
+        if heatmap is None or self.geometry.area == 0:
+            return None, None
+        grid = heatmap.grid
+        prob = heatmap.prob
+        minx, miny, maxx, maxy = self.geometry.bounds
+        rows, cols = prob.shape
+        c0, c1 = max(0, int(minx // grid.stride_l0)), min(cols, int(maxx // grid.stride_l0) + 1)
+        r0, r1 = max(0, int(miny // grid.stride_l0)), min(rows, int(maxy // grid.stride_l0) + 1)
+        if c1 <= c0 or r1 <= r0:
+            return None, None
+        rr, cc = np.mgrid[r0:r1, c0:c1]
+        xs = (cc + 0.5) * grid.stride_l0
+        ys = (rr + 0.5) * grid.stride_l0
+        inside = shapely.contains_xy(self.geometry, xs.ravel(), ys.ravel()).reshape(rr.shape)
+        p = prob[r0:r1, c0:c1][inside]
+        p = p[np.isfinite(p)]
+        if not len(p):
+            return None, None
+        return float(p.mean()), float((p >= heatmap.info.threshold).mean())
+
+
+Listener = Callable[[], None]
+
+
+class AnnotationStore:
+    """The annotations of one slide, with undo/redo of every edit."""
+
+    def __init__(self, annotations: Iterable[Annotation] = (),
+                 classes: Sequence[AnnotationClass] = DEFAULT_CLASSES) -> None:
+        self._items: tuple[Annotation, ...] = tuple(annotations)
+        self.classes: list[AnnotationClass] = list(classes)
+        self._undo: list[tuple[Annotation, ...]] = []
+        self._redo: list[tuple[Annotation, ...]] = []
+        self._listeners: list[Listener] = []
+        self.revision = 0
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def items(self) -> tuple[Annotation, ...]:
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, ann_id: str) -> Annotation | None:
+        return next((a for a in self._items if a.id == ann_id), None)
+
+    def color(self, cls: str) -> tuple[int, int, int]:
+        return next((c.color for c in self.classes if c.name == cls), (255, 200, 0))
+
+    def ensure_class(self, name: str, color: tuple[int, int, int] | None = None) -> None:
+        if not any(c.name == name for c in self.classes):
+            rng = np.random.default_rng(abs(hash(name)) % 2**32)
+            self.classes.append(AnnotationClass(name, color or tuple(int(v) for v in rng.integers(40, 230, 3))))
+
+    # -- editing (each call is one undo step) -----------------------------------------------
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _commit(self, new: tuple[Annotation, ...]) -> None:
+        self._undo.append(self._items)
+        self._redo.clear()
+        self._set(new)
+
+    def _set(self, new: tuple[Annotation, ...]) -> None:
+        self._items = new
+        self.revision += 1
+        for listener in list(self._listeners):
+            listener()
+
+    def add(self, *annotations: Annotation) -> None:
+        for a in annotations:
+            self.ensure_class(a.cls)
+        self._commit(self._items + tuple(annotations))
+
+    def remove(self, *ids: str) -> None:
+        drop = set(ids)
+        self._commit(tuple(a for a in self._items if a.id not in drop))
+
+    def update(self, ann_id: str, **changes: Any) -> None:
+        """Replace fields of one annotation (geometry, cls, name, note, source)."""
+        if "cls" in changes:
+            self.ensure_class(changes["cls"])
+        self._commit(tuple(replace(a, **changes) if a.id == ann_id else a for a in self._items))
+
+    def replace_all(self, annotations: Iterable[Annotation]) -> None:
+        annotations = tuple(annotations)
+        for a in annotations:
+            self.ensure_class(a.cls)
+        self._commit(annotations)
+
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> None:
+        if self._undo:
+            self._redo.append(self._items)
+            self._set(self._undo.pop())
+
+    def redo(self) -> None:
+        if self._redo:
+            self._undo.append(self._items)
+            self._set(self._redo.pop())
+
+
+def regions_from_heatmap(heatmap: Heatmap, threshold: float, min_area_um2: float = 0.0,
+                         mpp: float | None = None) -> list[Annotation]:
+    """Editable IDC polygons: cells at or above ``threshold``, merged on the cell grid.
+
+    Edges follow the cell grid with one vertex per corner (collinear points removed); holes are
+    kept; regions smaller than ``min_area_um2`` are dropped (needs ``mpp``).
+    """
+    prob = heatmap.prob
+    mask = np.nan_to_num(prob, nan=-1.0) >= threshold
+    if not mask.any():
+        return []
+    s = heatmap.grid.stride_l0
+    boxes = [shapely.box(c * s, r * s, (c + 1) * s, (r + 1) * s) for r, c in np.argwhere(mask)]
+    union = shapely.union_all(boxes).simplify(0)
+    polys = list(getattr(union, "geoms", [union]))
+    polys.sort(key=lambda p: -p.area)
+    out = []
+    for poly in polys:
+        if mpp is not None and poly.area * mpp * mpp < min_area_um2:
+            continue
+        out.append(Annotation(geometry=poly, cls="IDC", name=f"IDC region {len(out) + 1}", source="model"))
+    return out
