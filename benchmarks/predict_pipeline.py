@@ -125,11 +125,11 @@ def main() -> int:
         first = next(gen)
         t_first = time.perf_counter() - t0
         t1 = time.perf_counter()
-        n0 = first.done
-        for batch in gen:
-            pass
+        last = first
+        for result in gen:
+            last = result
         whole = time.perf_counter() - t0
-        rate = (batch.done - n0) / (time.perf_counter() - t1)
+        rate = (last.done - first.done) / (time.perf_counter() - t1)
         total = int(hm.tissue.sum())
     cells = [tuple(rc) for rc in np.argwhere(hm.tissue)[:: max(1, total // args.naive_cells)][: args.naive_cells]]
     naive = naive_rate(str(path), model, hm.grid, cells, device)

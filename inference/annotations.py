@@ -163,6 +163,11 @@ class AnnotationStore:
             self.ensure_class(a.cls)
         self._commit(annotations)
 
+    def clear_history(self) -> None:
+        """Forget undo/redo (after loading a saved state, which is not an edit)."""
+        self._undo.clear()
+        self._redo.clear()
+
     def can_undo(self) -> bool:
         return bool(self._undo)
 

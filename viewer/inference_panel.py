@@ -78,7 +78,8 @@ class InferencePanel(QWidget):
     """Run, cancel and style the IDC heatmap of the open slide."""
 
     mpp_needed = Signal()
-    heatmap_finished = Signal(object)  # Heatmap
+    heatmap_finished = Signal(object)  # Heatmap, when a job completes
+    heatmap_changed = Signal(object)  # Heatmap or None: the heatmap shown changed or finished
     status_message = Signal(str)
 
     def __init__(self, view: SlideView, model: LoadedModel | None, device: str = "auto",
@@ -293,6 +294,7 @@ class InferencePanel(QWidget):
         self.rate_label.setText(f"Done: {int(self.heatmap.tissue.sum())} tissue patches.")
         self._update_agreement()
         self.heatmap_finished.emit(self.heatmap)
+        self.heatmap_changed.emit(self.heatmap)
 
     # -- display ----------------------------------------------------------------------------
     def _show_heatmap(self, heatmap: Heatmap) -> None:
@@ -302,10 +304,13 @@ class InferencePanel(QWidget):
         self.view.scene().addItem(self.layer)
         self._on_style_changed()
         self.layer.setVisible(self.show_box.isChecked())
+        self.heatmap_changed.emit(heatmap)
 
     def _remove_heatmap(self) -> None:
         if self.layer is not None:
             self.view.scene().removeItem(self.layer)
+        if self.heatmap is not None:
+            self.heatmap_changed.emit(None)
         self.layer, self.heatmap = None, None
 
     def _remove_layers(self) -> None:

@@ -29,9 +29,12 @@ from inference.geometry import Rect
 from inference.model import LoadedModel
 from inference.slide import Slide, SlideError, open_slide
 from inference.tiles import TileKey
+from viewer.annotation_controller import AnnotationController
+from viewer.annotation_panel import AnnotationPanel
 from viewer.inference_panel import InferencePanel
 from viewer.panels import MetadataPanel, OverviewPanel
 from viewer.slide_view import PRESETS, SlideView
+from viewer.tools import TOOLS
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +65,18 @@ class MainWindow(QMainWindow):
         self.overview = OverviewPanel()
         self.metadata = MetadataPanel()
         self.inference = InferencePanel(self.view, model, device)
+        self.annotation_panel = AnnotationPanel()
+        self.annotations = AnnotationController(self.view, self.annotation_panel, self)
         self._dock(self.overview, "Overview", "overview")
         self._dock(self.inference, "IDC heatmap", "inference")
+        self._dock(self.annotation_panel, "Annotations", "annotations")
         self._dock(self.metadata, "Slide", "metadata")
-        self.tabifyDockWidget(self.findChild(QDockWidget, "inference"), self.findChild(QDockWidget, "metadata"))
+        self.tabifyDockWidget(self.findChild(QDockWidget, "inference"), self.findChild(QDockWidget, "annotations"))
+        self.tabifyDockWidget(self.findChild(QDockWidget, "annotations"), self.findChild(QDockWidget, "metadata"))
         self.findChild(QDockWidget, "inference").raise_()
+        self.inference.heatmap_changed.connect(self._on_inference_heatmap_changed)
+        self.annotations.error.connect(self.show_error)
+        self.annotations.message.connect(self._on_inference_status_message)
         self.inference.mpp_needed.connect(self._on_inference_mpp_needed)
         self.inference.status_message.connect(self._on_inference_status_message)
 
@@ -105,8 +115,22 @@ class MainWindow(QMainWindow):
         self._action(f, "Open &demo slide", self._on_open_demo_triggered)
         self.recent_menu = f.addMenu("Open &recent")
         f.addSeparator()
+        self._action(f, "&Import annotations (GeoJSON, ASAP XML)\u2026", self._on_import_triggered, "Ctrl+I")
+        ex = f.addMenu("&Export")
+        self._action(ex, "Annotations as QuPath &GeoJSON\u2026", lambda: self.annotations.export_geojson())
+        self._action(ex, "Annotations as &ASAP XML\u2026", lambda: self.annotations.export_asap())
+        self._action(ex, "Region &crops and masks\u2026", lambda: self.annotations.export_crops())
+        self._action(ex, "&Report (CSV and JSON)\u2026", lambda: self.annotations.export_report())
+        self._action(ex, "Current &view as PNG\u2026", self._on_export_view_triggered, "Ctrl+Shift+E")
+        f.addSeparator()
         self._action(f, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         self._refresh_recent()
+
+        e = mb.addMenu("&Edit")
+        self._action(e, "&Undo", self.annotations.undo, QKeySequence.StandardKey.Undo)
+        self._action(e, "&Redo", self.annotations.redo, "Ctrl+Shift+Z").setShortcuts(
+            [QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
+        self._action(e, "&Delete selected annotations", self.annotations.delete_selected, QKeySequence.StandardKey.Delete)
 
         tb = self.addToolBar("Main")
         tb.setObjectName("main-toolbar")
@@ -116,6 +140,21 @@ class MainWindow(QMainWindow):
         self.heatmap_action.triggered.connect(self.inference.toggle_visible)
         tb.addAction(self.heatmap_action)
         self._action(tb, "Fit", self.view.fit)
+        tb.addSeparator()
+        tools_menu = mb.addMenu("&Tools")
+        self.tool_group = QActionGroup(self)
+        self.tool_actions: dict[str, QAction] = {}
+        for name, (label, key) in TOOLS.items():
+            act = QAction(label.split(" (")[0], self)
+            act.setToolTip(f"{label} ({key})")
+            act.setShortcut(QKeySequence(key))
+            act.setCheckable(True)
+            act.triggered.connect(lambda _=False, n=name: self.annotations.set_tool(n))
+            self.tool_group.addAction(act)
+            tools_menu.addAction(act)
+            tb.addAction(act)
+            self.tool_actions[name] = act
+        self.tool_actions["pan"].setChecked(True)
 
         v = mb.addMenu("&View")
         self._action(v, "Zoom &in", lambda: self.view.zoom_by(1.5), "Ctrl+=")
@@ -175,6 +214,7 @@ class MainWindow(QMainWindow):
     def set_slide(self, slide: Slide) -> None:
         old = self.slide
         self.inference.set_slide(None)  # stops inference on the old slide first
+        self.annotations.set_slide(None)  # saves the old slide's annotations
         self.view.set_slide(slide)  # stops the old slide's tile reads
         if old is not None:
             old.close()
@@ -185,6 +225,7 @@ class MainWindow(QMainWindow):
         self.overview.set_thumbnail(slide.dimensions, None)
         self._update_mag_actions()
         self.inference.set_slide(slide)
+        self.annotations.set_slide(slide)
         self.slide_opened.emit(slide)
         if self.view.tiles is not None:
             self.view.loader.tile_loaded.connect(self._on_loader_tile_loaded)
@@ -259,6 +300,7 @@ class MainWindow(QMainWindow):
             return
         self.metadata.set_slide(self.slide)
         self.inference.set_slide(self.slide)
+        self.annotations.set_mpp(mpp)
         self._update_mag_actions()
         self.view.viewport().update()
         self._on_view_viewport_changed(self.view.view_rect_l0(), self.view.scale_factor)
@@ -300,6 +342,27 @@ class MainWindow(QMainWindow):
             text += "   (\u00b5m unknown: set the resolution in the View menu)"
         self.pos_label.setText(text)
 
+    @Slot(object)
+    def _on_inference_heatmap_changed(self, heatmap: object) -> None:
+        self.annotations.set_heatmap(heatmap)  # type: ignore[arg-type]
+
+    @Slot()
+    def _on_import_triggered(self) -> None:
+        start = str(self.slide.path.parent) if self.slide is not None else str(Path.home())
+        path, _ = QFileDialog.getOpenFileName(self, "Import annotations", start,
+                                              "Annotations (*.geojson *.json *.xml);;All files (*)")
+        if path:
+            self.annotations.import_file(path)
+
+    @Slot()
+    def _on_export_view_triggered(self) -> None:
+        if self.slide is None:
+            return
+        default = str(self.slide.path.with_name(self.slide.path.stem + "_view.png"))
+        path, _ = QFileDialog.getSaveFileName(self, "Export current view", default, "PNG (*.png)")
+        if path and not self.view.grab().save(path, "PNG"):
+            self.show_error("Cannot export view", f"{path} could not be written.")
+
     @Slot()
     def _on_inference_mpp_needed(self) -> None:
         if self.interactive:
@@ -330,6 +393,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.inference.stop()
+        self.annotations.set_slide(None)
         self.view.clear_slide()
         if self.slide is not None:
             self.slide.close()

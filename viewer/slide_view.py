@@ -13,6 +13,7 @@ from inference.geometry import Rect
 from inference.slide import Slide
 from inference.tiles import TileGrid, TileKey
 from viewer.layers import TileLayer, rect_from_qrectf
+from viewer.tools import TOOL_CLASSES, Tool
 from viewer.workers import TileLoader
 
 #: The usual magnification convention: 10x objective ~ 1 um per pixel.
@@ -45,6 +46,7 @@ class SlideView(QGraphicsView):
     cursor_moved = Signal(float, float)  # level-0 px under the cursor
     became_sharp = Signal()  # every visible tile is at its final resolution
     tile_failed = Signal(str)
+    geometry_drawn = Signal(str, object)  # tool name, shapely geometry in level-0 px
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -61,6 +63,8 @@ class SlideView(QGraphicsView):
         self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.slide: Slide | None = None
+        self.tool: Tool | None = None
+        self.tool_name = "pan"
         self.tiles: TileLayer | None = None
         self.loader: TileLoader | None = None
         self._sharp_emitted = False
@@ -114,6 +118,39 @@ class SlideView(QGraphicsView):
     @Slot(object, str)
     def _on_loader_tile_failed(self, key: TileKey, message: str) -> None:
         self.tile_failed.emit(message)
+
+    # -- tools ------------------------------------------------------------------------------
+    def set_tool(self, name: str) -> None:
+        """'pan', 'select' or a drawing tool of viewer.tools.TOOL_CLASSES."""
+        if self.tool is not None:
+            self.tool.close()
+            self.tool = None
+        self.tool_name = name
+        if name == "pan":
+            self.setDragMode(QGraphicsView.DragMode.ScrollHandDrag)
+        elif name == "select":
+            self.setDragMode(QGraphicsView.DragMode.RubberBandDrag)
+        else:
+            self.setDragMode(QGraphicsView.DragMode.NoDrag)
+            self.tool = TOOL_CLASSES[name](self.scene(), self._on_tool_finished, lambda: self.scale_factor)
+        self.viewport().setCursor(Qt.CursorShape.CrossCursor if self.tool else Qt.CursorShape.ArrowCursor)
+
+    def _on_tool_finished(self, geom: object) -> None:
+        self.geometry_drawn.emit(self.tool_name, geom)
+
+    def mouseReleaseEvent(self, event: QMouseEvent) -> None:
+        if self.tool is not None and event.button() == Qt.MouseButton.LeftButton:
+            self.tool.release(self.mapToScene(event.position().toPoint()))
+            event.accept()
+            return
+        super().mouseReleaseEvent(event)
+
+    def mouseDoubleClickEvent(self, event: QMouseEvent) -> None:
+        if self.tool is not None:
+            self.tool.double_click(self.mapToScene(event.position().toPoint()))
+            event.accept()
+            return
+        super().mouseDoubleClickEvent(event)
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -204,6 +241,9 @@ class SlideView(QGraphicsView):
 
     def keyPressEvent(self, event: QKeyEvent) -> None:
         key = event.key()
+        if self.tool is not None and self.tool.key(key):
+            event.accept()
+            return
         step = 0.2
         vp = self.viewport().rect()
         if key in (Qt.Key.Key_Plus, Qt.Key.Key_Equal):
@@ -228,10 +268,18 @@ class SlideView(QGraphicsView):
     def mouseMoveEvent(self, event: QMouseEvent) -> None:
         p = self.mapToScene(event.position().toPoint())
         self.cursor_moved.emit(p.x(), p.y())
+        if self.tool is not None:
+            self.tool.move(p, bool(event.buttons() & Qt.MouseButton.LeftButton))
+            event.accept()
+            return
         super().mouseMoveEvent(event)
 
     def mousePressEvent(self, event: QMouseEvent) -> None:
         self._fitted = False
+        if self.tool is not None and event.button() == Qt.MouseButton.LeftButton:
+            self.tool.press(self.mapToScene(event.position().toPoint()))
+            event.accept()
+            return
         super().mousePressEvent(event)
 
     def resizeEvent(self, event) -> None:  # noqa: ANN001

@@ -1,0 +1,198 @@
+"""Annotation tools in the real view: draw, select, edit, undo, list, autosave, import, regions."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QPoint, QSettings, Qt
+
+from inference.annotation_io import parse_geojson
+from inference.heatmap import Heatmap, HeatmapInfo
+from inference.patches import PatchGrid
+from tests.conftest import CMU_SVS
+from viewer.main_window import MainWindow
+
+
+@pytest.fixture
+def slide_copy(tmp_path: Path) -> Path:
+    """The real Aperio slide in a writable temporary folder (autosave goes beside it)."""
+    dst = tmp_path / CMU_SVS.name
+    shutil.copy(CMU_SVS, dst)
+    return dst
+
+
+@pytest.fixture
+def window(qtbot, tmp_path: Path, slide_copy: Path) -> MainWindow:
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    w = MainWindow(settings=settings, interactive=False)
+    qtbot.addWidget(w)
+    w.resize(1000, 800)
+    w.show()
+    qtbot.waitExposed(w)
+    assert w.open_path(slide_copy)
+    return w
+
+
+def vp(window: MainWindow):
+    return window.view.viewport()
+
+
+def to_view(window: MainWindow, x_l0: float, y_l0: float) -> QPoint:
+    return window.view.mapFromScene(x_l0, y_l0)
+
+
+def drag(qtbot, window: MainWindow, pts: list[tuple[float, float]]) -> None:
+    qtbot.mousePress(vp(window), Qt.MouseButton.LeftButton, pos=to_view(window, *pts[0]))
+    for p in pts[1:]:
+        qtbot.mouseMove(vp(window), to_view(window, *p))
+    qtbot.mouseRelease(vp(window), Qt.MouseButton.LeftButton, pos=to_view(window, *pts[-1]))
+
+
+def use(window: MainWindow, tool: str) -> None:
+    window.tool_actions[tool].trigger()
+
+
+def test_rectangle_polygon_point_freehand_brush(qtbot, window: MainWindow) -> None:
+    store = window.annotations.store
+    use(window, "rectangle")
+    drag(qtbot, window, [(400, 400), (800, 700), (1000, 1000)])
+    assert len(store) == 1
+    rect = store.items[0]
+    assert rect.geometry.geom_type == "Polygon" and rect.cls == "IDC" and rect.source == "manual"
+    minx, miny, maxx, maxy = rect.geometry.bounds
+    tol = 2 / window.view.scale_factor
+    assert abs(minx - 400) < tol and abs(maxy - 1000) < tol
+
+    use(window, "polygon")
+    for p in [(1200, 400), (1800, 500), (1600, 1200)]:
+        qtbot.mouseClick(vp(window), Qt.MouseButton.LeftButton, pos=to_view(window, *p))
+    qtbot.keyClick(window.view, Qt.Key.Key_Return)
+    assert len(store) == 2 and len(store.items[1].geometry.exterior.coords) == 4
+
+    use(window, "point")
+    qtbot.mouseClick(vp(window), Qt.MouseButton.LeftButton, pos=to_view(window, 500, 2000))
+    assert store.items[2].geometry.geom_type == "Point"
+
+    use(window, "freehand")
+    circle = [(1000 + 300 * np.cos(t), 2200 + 300 * np.sin(t)) for t in np.linspace(0, 2 * np.pi, 40)]
+    drag(qtbot, window, circle)
+    assert store.items[3].geometry.area == pytest.approx(np.pi * 300**2, rel=0.1)
+
+    window.annotation_panel.class_combo.setCurrentText("Non-IDC")
+    use(window, "brush")
+    drag(qtbot, window, [(200, 2600), (600, 2600), (900, 2700)])
+    brush = store.items[4]
+    assert brush.cls == "Non-IDC" and brush.geometry.area > 0
+    assert window.annotation_panel.table.rowCount() == 5
+
+
+def test_select_move_delete_and_undo_redo(qtbot, window: MainWindow) -> None:
+    store = window.annotations.store
+    use(window, "rectangle")
+    drag(qtbot, window, [(400, 400), (1000, 1000)])
+    original = store.items[0]
+    use(window, "select")
+    qtbot.mouseClick(vp(window), Qt.MouseButton.LeftButton, pos=to_view(window, 700, 700))
+    assert window.annotations.layer.selected_ids() == [original.id]
+    assert window.annotation_panel.selected_ids() == [original.id]  # list follows the view
+    drag(qtbot, window, [(700, 700), (800, 750), (900, 800)])  # move by (+200, +100)
+    moved = store.items[0]
+    dx = moved.geometry.bounds[0] - original.geometry.bounds[0]
+    assert dx == pytest.approx(200, abs=3 / window.view.scale_factor)
+    window.annotations.undo()
+    assert store.items[0].geometry.equals_exact(original.geometry, 0)
+    window.annotations.redo()
+    assert store.items[0].geometry.equals_exact(moved.geometry, 0)
+    window.annotations.layer.select([original.id])
+    qtbot.keyClick(window.view, Qt.Key.Key_Delete)
+    assert len(store) == 0
+    window.annotations.undo()
+    assert len(store) == 1 and store.items[0].geometry.equals_exact(moved.geometry, 0)
+
+
+def test_edit_vertex(qtbot, window: MainWindow) -> None:
+    store = window.annotations.store
+    use(window, "rectangle")
+    drag(qtbot, window, [(400, 400), (1000, 1000)])
+    use(window, "select")
+    window.annotations.layer.select([store.items[0].id])
+    item = window.annotations.layer.items[store.items[0].id]
+    handles = item._handles
+    assert len(handles) == 4
+    handle = min(handles, key=lambda h: abs(h.pos().x() - 1000) + abs(h.pos().y() - 1000))
+    handle.setPos(1300, 1200)
+    handle.owner.vertex_moved(handle.ring, handle.index, handle.pos())
+    assert (1300.0, 1200.0) in list(store.items[0].geometry.exterior.coords)
+
+
+def test_list_click_goes_to_annotation_and_filter(qtbot, window: MainWindow) -> None:
+    use(window, "rectangle")
+    drag(qtbot, window, [(100, 2500), (300, 2700)])
+    window.annotation_panel.class_combo.setCurrentText("Tissue")
+    drag(qtbot, window, [(1800, 200), (2000, 400)])
+    panel = window.annotation_panel
+    panel._on_table_cell_clicked(0, 0)
+    c = window.view.mapToScene(vp(window).rect().center())
+    assert abs(c.x() - 200) < 20 and abs(c.y() - 2600) < 20
+    panel.filter_combo.setCurrentText("Tissue")
+    assert panel.table.rowCount() == 1
+    layer = window.annotations.layer
+    visible = [it.annotation.cls for it in layer.items.values() if it.isVisible()]
+    assert visible == ["Tissue"]
+
+
+def test_autosave_and_restore_on_reopen(qtbot, window: MainWindow, slide_copy: Path) -> None:
+    use(window, "rectangle")
+    drag(qtbot, window, [(400, 400), (1000, 1000)])
+    saved = slide_copy.with_name(slide_copy.name + ".annotations.geojson")
+    qtbot.waitUntil(saved.exists, timeout=5000)
+    assert len(parse_geojson(saved.read_bytes()).annotations) == 1
+    window.annotations.store.update(window.annotations.store.items[0].id, name="renamed")
+    assert window.open_path(slide_copy)  # reopen: restored from the autosave
+    restored = window.annotations.store.items
+    assert len(restored) == 1 and restored[0].name == "renamed"
+    assert not window.annotations.store.can_undo()
+
+
+def test_malformed_import_keeps_annotations(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    use(window, "rectangle")
+    drag(qtbot, window, [(400, 400), (1000, 1000)])
+    before = window.annotations.store.items
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "FeatureCollection", "features": [')
+    with qtbot.waitSignal(window.error_shown, timeout=2000):
+        assert not window.annotations.import_file(bad)
+    assert window.annotations.store.items == before
+    good = tmp_path / "good.geojson"
+    window.annotations.export_geojson(good)
+    assert window.annotations.import_file(good)
+    assert len(window.annotations.store) == 2
+    xml = window.annotations.export_asap(tmp_path / "a.xml")
+    assert window.annotations.import_file(xml) and len(window.annotations.store) == 4
+
+
+def test_regions_from_heatmap_button(qtbot, window: MainWindow) -> None:
+    grid = PatchGrid.build(window.slide.dimensions, window.slide.mpp, 4.0, 50)
+    hm = Heatmap(HeatmapInfo(window.slide.fingerprint(), "m", grid, 0.1, 0.5), np.ones(grid.patch_shape, bool))
+    rr, cc = np.nonzero(np.ones(grid.patch_shape, bool))
+    hm.add(rr, cc, np.where((rr < 3) & (cc < 3), 0.9, 0.1).astype(np.float32))
+    window.annotations.set_heatmap(hm)
+    panel = window.annotation_panel
+    panel.region_min_area.setValue(0.0)
+    panel.regions_button.click()
+    store = window.annotations.store
+    assert len(store) == 1 and store.items[0].source == "model"
+    assert store.items[0].area_um2(window.slide.mpp) == pytest.approx(9 * 200 * 200, rel=0.01)
+    window.annotations.undo()  # one undo step removes them
+    assert len(store) == 0
+
+
+def test_export_crops_report_and_view(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    use(window, "rectangle")
+    drag(qtbot, window, [(400, 400), (1000, 1000)])
+    paths = window.annotations.export_crops(tmp_path / "crops", mpp_out=2.0, overlay=True)
+    assert any(p.name.endswith(".mask.png") for p in paths) and any(p.suffix == ".json" for p in paths)
+    assert window.annotations.export_report(tmp_path / "rep")

@@ -1,0 +1,277 @@
+"""Annotations of the open slide: store, scene layer, autosave, import and export."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import shapely
+from PySide6.QtCore import QObject, QTimer, Signal, Slot
+from PySide6.QtWidgets import QFileDialog, QInputDialog, QWidget
+from shapely.geometry.base import BaseGeometry
+
+from inference.annotation_io import (
+    autosave_path,
+    dumps_asap,
+    dumps_geojson,
+    load_into,
+    read_file,
+    save_store,
+    write_atomic,
+)
+from inference.annotations import Annotation, AnnotationError, AnnotationStore
+from inference.export import export_regions, report, write_report
+from inference.heatmap import Heatmap
+from inference.slide import Slide, SlideError
+from viewer.annotation_layer import AnnotationLayer
+from viewer.annotation_panel import AnnotationPanel
+from viewer.slide_view import SlideView
+
+log = logging.getLogger(__name__)
+
+AUTOSAVE_DELAY_MS = 800
+
+
+class AnnotationController(QObject):
+    """Connects the view's tools, the annotation panel and the store of the open slide."""
+
+    error = Signal(str, str)  # title, one sentence
+    message = Signal(str)
+
+    def __init__(self, view: SlideView, panel: AnnotationPanel, parent_widget: QWidget) -> None:
+        super().__init__(parent_widget)
+        self.view, self.panel, self.parent_widget = view, panel, parent_widget
+        self.slide: Slide | None = None
+        self.store: AnnotationStore | None = None
+        self.layer: AnnotationLayer | None = None
+        self.heatmap: Heatmap | None = None
+        self.save_path: Path | None = None
+        self._dirty = False
+        self._timer = QTimer(self, singleShot=True, interval=AUTOSAVE_DELAY_MS)
+        self._timer.timeout.connect(self.save_now)
+        view.geometry_drawn.connect(self._on_view_geometry_drawn)
+        view.scene().selectionChanged.connect(self._on_scene_selection_changed)
+        panel.selection_changed.connect(self._on_panel_selection_changed)
+        panel.go_to.connect(self._on_panel_go_to)
+        panel.visible_classes_changed.connect(self._on_panel_visible_classes_changed)
+
+    # -- slide lifecycle --------------------------------------------------------------------
+    def set_slide(self, slide: Slide | None) -> None:
+        """Save and drop the previous slide's annotations; restore the new slide's autosave."""
+        self.save_now()
+        if self.layer is not None:
+            self.layer.detach()
+        if self.store is not None:
+            self.store.unsubscribe(self._on_store_changed)
+        self.slide, self.store, self.layer, self.save_path = slide, None, None, None
+        if slide is None:
+            self.panel.set_store(None, None)
+            return
+        self.store = AnnotationStore()
+        self.save_path = autosave_path(slide.path, slide.fingerprint())
+        if self.save_path.exists():
+            try:
+                result = read_file(self.save_path)
+                load_into(self.store, result)
+                self.store.clear_history()  # restoring is not an undoable edit
+            except AnnotationError as exc:
+                self.error.emit("Annotations not restored", f"{exc} The file was left untouched.")
+                self.save_path = self.save_path.with_name(self.save_path.stem + ".recovered.geojson")
+        self.store.subscribe(self._on_store_changed)
+        self.layer = AnnotationLayer(self.view.scene(), self.store)
+        self.layer.set_editable(self.view.tool_name == "select")
+        self.panel.set_store(self.store, slide.mpp)
+
+    def set_heatmap(self, heatmap: Heatmap | None) -> None:
+        self.heatmap = heatmap
+        self.panel.set_heatmap(heatmap)
+
+    def set_mpp(self, mpp: float | None) -> None:
+        if self.store is not None:
+            self.panel.set_store(self.store, mpp)
+
+    def set_tool(self, name: str) -> None:
+        self.view.set_tool(name)
+        if self.layer is not None:
+            self.layer.set_editable(name == "select")
+
+    # -- autosave ---------------------------------------------------------------------------
+    def _on_store_changed(self) -> None:
+        self._dirty = True
+        self._timer.start()
+        if self.layer is not None:
+            self.layer.set_editable(self.view.tool_name == "select")
+
+    @Slot()
+    def save_now(self) -> None:
+        """Write the autosave file now if anything changed (atomic)."""
+        self._timer.stop()
+        if not self._dirty or self.store is None or self.save_path is None:
+            return
+        try:
+            save_store(self.save_path, self.store)
+            self._dirty = False
+        except OSError as exc:
+            log.exception("autosave failed")
+            self.error.emit("Annotations not saved", f"Annotations could not be saved to {self.save_path} ({exc.strerror}).")
+
+    # -- editing ----------------------------------------------------------------------------
+    @Slot(str, object)
+    def _on_view_geometry_drawn(self, tool: str, geom: BaseGeometry) -> None:
+        if self.store is None:
+            return
+        cls = self.panel.current_class()
+        selected = self.layer.selected_ids() if self.layer is not None else []
+        target = self.store.get(selected[0]) if tool == "brush" and len(selected) == 1 else None
+        if target is not None and target.cls == cls and target.geometry.geom_type in ("Polygon", "MultiPolygon"):
+            self.store.update(target.id, geometry=shapely.union_all([target.geometry, geom]))
+            return
+        n = sum(1 for a in self.store.items if a.cls == cls) + 1
+        ann = Annotation(geometry=geom, cls=cls, name=f"{cls} {n}")
+        self.store.add(ann)
+
+    def delete_selected(self) -> None:
+        if self.store is not None and self.layer is not None:
+            ids = self.layer.selected_ids() or self.panel.selected_ids()
+            if ids:
+                self.store.remove(*ids)
+
+    def undo(self) -> None:
+        if self.store is not None:
+            self.store.undo()
+
+    def redo(self) -> None:
+        if self.store is not None:
+            self.store.redo()
+
+    @Slot()
+    def _on_scene_selection_changed(self) -> None:
+        if self.layer is None:
+            return
+        ids = self.layer.selected_ids()
+        self.panel.select_ids(ids)
+        self.layer.set_editable(self.view.tool_name == "select")
+
+    @Slot(list)
+    def _on_panel_selection_changed(self, ids: list[str]) -> None:
+        if self.layer is not None:
+            self.layer.select(ids)
+
+    @Slot(str)
+    def _on_panel_go_to(self, ann_id: str) -> None:
+        a = self.store.get(ann_id) if self.store is not None else None
+        if a is None:
+            return
+        minx, miny, maxx, maxy = a.geometry.bounds
+        vp = self.view.viewport().rect()
+        w, h = max(maxx - minx, 1), max(maxy - miny, 1)
+        scale = min(vp.width() / (w * 1.5), vp.height() / (h * 1.5))
+        self.view.set_scale(min(scale, max(self.view.scale_factor, 1.0)))
+        self.view.center_on_l0((minx + maxx) / 2, (miny + maxy) / 2)
+
+    @Slot(object)
+    def _on_panel_visible_classes_changed(self, classes: set[str] | None) -> None:
+        if self.layer is not None:
+            self.layer.set_visible_classes(classes)
+
+    # -- import / export --------------------------------------------------------------------
+    def import_file(self, path: str | Path) -> bool:
+        """Add annotations from GeoJSON or ASAP XML; a bad file changes nothing."""
+        if self.store is None:
+            return False
+        try:
+            result = read_file(path)
+        except AnnotationError as exc:
+            self.error.emit("Cannot import annotations", str(exc))
+            return False
+        load_into(self.store, result)
+        msg = f"Imported {len(result.annotations)} annotations from {Path(path).name}"
+        if result.skipped:
+            msg += f"; skipped {len(result.skipped)} ({result.skipped[0]}{', ...' if len(result.skipped) > 1 else ''})"
+        self.message.emit(msg + ".")
+        return True
+
+    def _chosen(self) -> list[Annotation]:
+        """Selected annotations, or all of them when none is selected."""
+        if self.store is None:
+            return []
+        ids = set(self.layer.selected_ids()) if self.layer is not None else set()
+        return [a for a in self.store.items if a.id in ids] or list(self.store.items)
+
+    def _ask_path(self, title: str, suffix: str, filt: str) -> Path | None:
+        if self.slide is None:
+            return None
+        default = str(self.slide.path.with_name(self.slide.path.stem + suffix))
+        path, _ = QFileDialog.getSaveFileName(self.parent_widget, title, default, filt)
+        return Path(path) if path else None
+
+    def export_geojson(self, path: Path | None = None) -> Path | None:
+        path = path or self._ask_path("Export GeoJSON", ".geojson", "GeoJSON (*.geojson *.json)")
+        if path is None or self.store is None:
+            return None
+        write_atomic(path, dumps_geojson(self._chosen(), self.store, self._measurements()))
+        self.message.emit(f"Wrote {path}.")
+        return path
+
+    def export_asap(self, path: Path | None = None) -> Path | None:
+        path = path or self._ask_path("Export ASAP XML", ".xml", "ASAP XML (*.xml)")
+        if path is None or self.store is None:
+            return None
+        write_atomic(path, dumps_asap(self._chosen(), self.store))
+        self.message.emit(f"Wrote {path}.")
+        return path
+
+    def _measurements(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        mpp = self.slide.mpp if self.slide is not None else None
+        for a in self._chosen():
+            m: dict[str, float] = {}
+            area = a.area_um2(mpp)
+            if area is not None:
+                m["Area \u00b5m^2"] = area
+            mean, frac = a.heatmap_stats(self.heatmap)
+            if mean is not None:
+                m["Mean P(IDC)"] = mean
+                m["IDC fraction"] = frac or 0.0
+            out[a.id] = m
+        return out
+
+    def export_report(self, out_dir: Path | None = None) -> list[Path]:
+        if self.slide is None or self.store is None:
+            return []
+        out_dir = out_dir or self._ask_dir("Folder for the report")
+        if out_dir is None:
+            return []
+        paths = write_report(report(self._chosen(), self.slide, self.heatmap), out_dir, self.slide.path.stem)
+        self.message.emit(f"Wrote {', '.join(p.name for p in paths)} to {out_dir}.")
+        return paths
+
+    def export_crops(self, out_dir: Path | None = None, mpp_out: float | None = None,
+                     overlay: bool | None = None) -> list[Path]:
+        if self.slide is None or self.store is None or not self.store.items:
+            return []
+        if out_dir is None:
+            out_dir = self._ask_dir("Folder for the region crops")
+            if out_dir is None:
+                return []
+            default = 2.0 if self.slide.mpp is not None else 0.0
+            value, ok = QInputDialog.getDouble(self.parent_widget, "Crop resolution",
+                                               "\u00b5m per pixel (0 = full resolution):", default, 0.0, 100.0, 3)
+            if not ok:
+                return []
+            mpp_out = value or None
+            overlay = QInputDialog.getItem(self.parent_widget, "Overlay", "Draw on the crops:",
+                                           ["Nothing", "Outline and heatmap"], 1, False)[0] != "Nothing"
+        try:
+            paths = export_regions(self.slide, self._chosen(), out_dir, mpp_out, bool(overlay),
+                                   self.heatmap, self.store)
+        except SlideError as exc:
+            self.error.emit("Cannot export crops", str(exc))
+            return []
+        self.message.emit(f"Wrote {len(paths)} files to {out_dir}.")
+        return paths
+
+    def _ask_dir(self, title: str) -> Path | None:
+        start = str(self.slide.path.parent) if self.slide is not None else ""
+        path = QFileDialog.getExistingDirectory(self.parent_widget, title, start)
+        return Path(path) if path else None
