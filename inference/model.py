@@ -143,6 +143,7 @@ class LoadedModel:
     net: WideResNet
     meta: ModelMeta
     sha256: str
+    path: Path | None = None
 
     @property
     def model_id(self) -> str:
@@ -202,7 +203,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
             f"{path.name} holds weights that do not match its declared architecture {meta.arch.name}."
         ) from exc
     net.eval().to(device)
-    return LoadedModel(net=net, meta=meta, sha256=hashlib.sha256(data).hexdigest())
+    return LoadedModel(net=net, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
 
 
 def shipped_model_path() -> Path:

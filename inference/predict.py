@@ -102,6 +102,19 @@ def _read_block(slide: Slide, grid: PatchGrid, r0: int, c0: int, rows: np.ndarra
     return out
 
 
+def read_patches(slide: Slide, grid: PatchGrid, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Patches (n, p, p, 3) of grid cells (rows[i], cols[i]), read block by block, in input order."""
+    todo = np.zeros(grid.patch_shape, bool)
+    todo[rows, cols] = True
+    index = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(rows, cols, strict=True))}
+    out = np.empty((len(rows), grid.patch_px, grid.patch_px, 3), np.uint8)
+    for r0, c0, rr, cc in _blocks(todo):
+        block = _read_block(slide, grid, r0, c0, rr, cc)
+        for img, r, c in zip(block, rr, cc, strict=True):
+            out[index[(int(r), int(c))]] = img
+    return out
+
+
 def predict_slide(
     slide: Slide,
     model: LoadedModel,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,39 +12,18 @@ import numpy as np
 from tqdm import tqdm
 
 from inference.model import Architecture, load_checkpoint, pick_device, shipped_model_path
-from training.data import PatchSet, load_folder, split_groups
-from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model, fit
+from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model
+from training.session import CompareReport, DataReport, FolderSource, SessionConfig, load_sources
+from training.session import run as run_session
 
 DEMO_PATIENT = "8975"
 
 
-@dataclass(frozen=True)
-class Split:
-    train: PatchSet
-    val: PatchSet
-    test: PatchSet
-
-
-def patient_split(data: PatchSet, val: float, test: float, seed: int) -> Split:
-    """Train/validation/test split by patient (stratified by each patient's IDC fraction)."""
-    parts = split_groups(data.groups, data.labels, [1 - val - test, val, test], seed)
-    return Split(*(data.subset(m) for m in parts))
-
-
-def load_sources(folders: list[str], exclude: list[str], limit_per_patient: int | None, seed: int) -> PatchSet:
-    t = time.perf_counter()
-    parts = [load_folder(f, exclude_patients=exclude, limit_per_patient=limit_per_patient, seed=seed) for f in folders]
-    data = PatchSet.concat(parts)
-    print(f"loaded {len(data)} patches from {len(np.unique(data.groups.astype(str)))} patients "
-          f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    return data
+def folder_sources(args: Any) -> tuple[FolderSource, ...]:
+    return tuple(FolderSource(str(d), tuple(args.exclude_patient), args.limit_per_patient) for d in args.data)
 
 
 def run_train(args: Any) -> int:
-    data = load_sources(args.data, args.exclude_patient, args.limit_per_patient, args.seed)
-    split = patient_split(data, args.val_fraction, args.test_fraction, args.seed)
-    for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
-        print(f"{name}: {part.summary()}", file=sys.stderr)
     config = TrainConfig(
         out=args.out,
         arch=Architecture(args.depth, args.widen, args.dropout),
@@ -62,18 +40,15 @@ def run_train(args: Any) -> int:
         resume=args.resume,
         num_threads=args.threads,
     )
-    provenance = {
-        "data": [str(Path(d).resolve()) for d in args.data],
-        "excluded_patients": list(args.exclude_patient),
-        "split": {k: getattr(split, k).summary() for k in ("train", "val", "test")},
-        "val_patients": sorted(set(split.val.groups.astype(str).tolist())),
-        "test_patients": sorted(set(split.test.groups.astype(str).tolist())),
-        "init": args.init,
-    }
+    session = SessionConfig(folder_sources(args), config, args.val_fraction, args.test_fraction)
     bar = None
     done: DoneReport | None = None
-    for report in fit(config, split.train, split.val, provenance):
-        if isinstance(report, StepReport):
+    for report in run_session(session):
+        if isinstance(report, DataReport):
+            for name, counts in report.counts.items():
+                print(f"{name}: {counts}", file=sys.stderr)
+            print(f"loaded in {report.load_s:.1f} s", file=sys.stderr)
+        elif isinstance(report, StepReport):
             if bar is None:
                 bar = tqdm(total=report.steps, desc=f"epoch {report.epoch + 1}", unit="batch", file=sys.stderr)
             bar.update(1)
@@ -87,14 +62,12 @@ def run_train(args: Any) -> int:
                   f"val loss {report.val_loss:.4f}, bal.acc {v['balanced_accuracy']:.4f}, "
                   f"F1 {v['f1']:.4f}, AUC {v['auc']:.4f}{' (best)' if report.best else ''}, "
                   f"ETA {report.eta_s / 60:.1f} min", file=sys.stderr)
-        else:
+        elif isinstance(report, DoneReport):
             done = report
+        elif isinstance(report, CompareReport) and report.test is not None and done is not None:
+            print("held-out test patients: " + json.dumps(report.test["patient_weighted"]), file=sys.stderr)
+            _append_test_metrics(Path(done.checkpoint), report.test)
     assert done is not None
-    model = load_checkpoint(done.checkpoint)
-    if len(split.test):
-        test = evaluate_model(model, split.test, pick_device(args.device))
-        print("held-out test patients: " + json.dumps(test["patient_weighted"]), file=sys.stderr)
-        _append_test_metrics(Path(done.checkpoint), test)
     print(f"saved {done.checkpoint} (best epoch {done.best_epoch})", file=sys.stderr)
     return 0
 
@@ -114,7 +87,10 @@ def run_evaluate(args: Any) -> int:
     model_path = args.model or shipped_model_path()
     device = pick_device(args.device)
     model = load_checkpoint(model_path, device)
-    data = load_sources(args.data, args.exclude_patient, args.limit_per_patient, 0)
+    t = time.perf_counter()
+    data, _ = load_sources(folder_sources(args), model.meta)
+    print(f"loaded {len(data)} patches from {len(np.unique(data.groups.astype(str)))} patients "
+          f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     report = evaluate_model(model, data, device)
     m = report["patch"]
     if args.json:

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QMessageBox,
+    QTabWidget,
     QWidget,
 )
 
@@ -29,12 +30,14 @@ from inference.geometry import Rect
 from inference.model import LoadedModel
 from inference.slide import Slide, SlideError, open_slide
 from inference.tiles import TileKey
+from training.session import RegionSource
 from viewer.annotation_controller import AnnotationController
 from viewer.annotation_panel import AnnotationPanel
 from viewer.inference_panel import InferencePanel
 from viewer.panels import MetadataPanel, OverviewPanel
 from viewer.slide_view import PRESETS, SlideView
 from viewer.tools import TOOLS
+from viewer.training_tab import TrainingTab, regions_source
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,11 @@ class MainWindow(QMainWindow):
         self.interactive = interactive
         self.slide: Slide | None = None
         self.view = SlideView(self)
-        self.setCentralWidget(self.view)
+        self.training = TrainingTab(lambda: self.inference.model, self._regions_source)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.view, "Slide")
+        self.tabs.addTab(self.training, "Training")
+        self.setCentralWidget(self.tabs)
         self.setAcceptDrops(True)
 
         self.overview = OverviewPanel()
@@ -75,6 +82,7 @@ class MainWindow(QMainWindow):
         self.tabifyDockWidget(self.findChild(QDockWidget, "annotations"), self.findChild(QDockWidget, "metadata"))
         self.findChild(QDockWidget, "inference").raise_()
         self.inference.heatmap_changed.connect(self._on_inference_heatmap_changed)
+        self.training.model_accepted.connect(self._on_training_model_accepted)
         self.annotations.error.connect(self.show_error)
         self.annotations.message.connect(self._on_inference_status_message)
         self.inference.mpp_needed.connect(self._on_inference_mpp_needed)
@@ -346,6 +354,18 @@ class MainWindow(QMainWindow):
     def _on_inference_heatmap_changed(self, heatmap: object) -> None:
         self.annotations.set_heatmap(heatmap)  # type: ignore[arg-type]
 
+    def _regions_source(self) -> RegionSource | None:
+        slide = self.slide
+        return regions_source(slide.path if slide else None, self.annotations.store, slide.mpp if slide else None)
+
+    @Slot(object)
+    def _on_training_model_accepted(self, model: LoadedModel) -> None:
+        """Switch the viewer to the fine-tuned model and recompute the open slide's heatmap."""
+        self.inference.set_model(model)
+        self.tabs.setCurrentWidget(self.view)
+        self.inference.show_box.setChecked(True)
+        self.inference.start()
+
     @Slot()
     def _on_import_triggered(self) -> None:
         start = str(self.slide.path.parent) if self.slide is not None else str(Path.home())
@@ -392,6 +412,7 @@ class MainWindow(QMainWindow):
             QMessageBox.critical(self, title, message)
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        self.training.stop()
         self.inference.stop()
         self.annotations.set_slide(None)
         self.view.clear_slide()

@@ -1,0 +1,152 @@
+"""The training tab end to end on a tiny real patch folder, against the CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import shapely
+import torch
+from PySide6.QtCore import QSettings
+
+from inference.annotations import Annotation
+from inference.model import load_checkpoint, shipped_model_path
+from inference.predict import PredictSettings
+from tests.conftest import DEMO, need_patches
+from training.loop import EpochReport, StepReport
+from viewer.cli import main
+from viewer.main_window import MainWindow
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 real patients, at most 14 patches each, in the Kaggle layout."""
+    root = need_patches()
+    out = tmp_path_factory.mktemp("tiny") / "patches"
+    patients = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "8975")[:16]
+    for pt in patients:
+        for label in ("0", "1"):
+            files = sorted((root / pt / label).glob("*.png"))[:7]
+            if files:
+                (out / pt / label).mkdir(parents=True)
+                for f in files:
+                    shutil.copy(f, out / pt / label / f.name)
+    return out
+
+
+@pytest.fixture
+def window(qtbot, tmp_path: Path) -> MainWindow:
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    w = MainWindow(settings=settings, interactive=False, model=load_checkpoint(shipped_model_path()), device="cpu")
+    w.inference.settings = PredictSettings(batch_size=128)
+    qtbot.addWidget(w)
+    w.resize(1300, 900)
+    w.show()
+    return w
+
+
+def configure(tab, folder: Path, epochs: int = 2) -> None:
+    tab.add_folder(str(folder))
+    tab.use_regions.setChecked(False)
+    tab.epochs.setValue(epochs)
+    tab.samples.setValue(128)
+    tab.batch.setValue(64)
+    tab.lr.setValue(1e-3)
+    tab.freeze.setChecked(True)
+    tab.val_fraction.setValue(0.25)
+    tab.seed.setValue(7)
+
+
+def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_folder: Path, tmp_path: Path) -> None:
+    slide = tmp_path / DEMO.name
+    shutil.copy(DEMO, slide)
+    assert window.open_path(slide)
+    tab = window.training
+    configure(tab, tiny_folder)
+    epochs: list[EpochReport] = []
+    steps: list[StepReport] = []
+    tab.runner.report.connect(lambda r: epochs.append(r) if isinstance(r, EpochReport) else
+                              steps.append(r) if isinstance(r, StepReport) else None)
+    with qtbot.waitSignal(tab.runner.finished, timeout=120_000):
+        tab.start()
+    assert len(epochs) == 2 and len(steps) == 4
+    assert len(tab.train_curve.getData()[0]) == 2 and len(tab.step_curve.getData()[0]) == 4
+    assert tab.epoch_table.rowCount() == 2
+    assert tab.compare is not None and tab.compare.current is not None
+    assert tab.compare_table.item(0, 0).text() and tab.compare_table.item(0, 1).text()
+    assert tab.counts_table.rowCount() >= 3  # the source and the train/val splits
+    meta = load_checkpoint(tab.result_path).meta
+    assert meta.provenance["sources"] == [f"patch folder {tiny_folder}"] and meta.provenance["init"]
+    with qtbot.waitSignal(window.inference.heatmap_finished, timeout=120_000):
+        tab.use_button.click()
+    assert window.inference.model.path == tab.result_path
+    assert window.inference.heatmap.info.model_id == window.inference.model.model_id
+    saved = tab.save_checkpoint(tmp_path / "mine.pt")
+    assert load_checkpoint(saved).sha256 == load_checkpoint(tab.result_path).sha256
+
+
+def test_gui_and_cli_give_the_same_model(qtbot, window: MainWindow, tiny_folder: Path, tmp_path: Path) -> None:
+    tab = window.training
+    configure(tab, tiny_folder, epochs=1)
+    tab.augment.setChecked(True)
+    with qtbot.waitSignal(tab.runner.finished, timeout=120_000):
+        tab.start()
+    gui = load_checkpoint(tab.result_path)
+    out = tmp_path / "cli.pt"
+    rc = main(["train", str(tiny_folder), "--out", str(out), "--init", str(shipped_model_path()), "--freeze-trunk",
+               "--epochs", "1", "--samples-per-epoch", "128", "--batch-size", "64", "--lr", "0.001",
+               "--val-fraction", "0.25", "--test-fraction", "0", "--seed", "7", "--device", "cpu"])
+    assert rc == 0
+    cli = load_checkpoint(out)
+    for k, v in gui.net.state_dict().items():
+        assert torch.allclose(v.float(), cli.net.state_dict()[k].float(), atol=1e-6), k
+    assert gui.meta.threshold == cli.meta.threshold
+
+
+def test_cancel_mid_epoch_keeps_best_so_far(qtbot, window: MainWindow, tiny_folder: Path) -> None:
+    tab = window.training
+    configure(tab, tiny_folder, epochs=30)
+    tab.samples.setValue(256)
+    epochs: list[EpochReport] = []
+    tab.runner.report.connect(lambda r: epochs.append(r) if isinstance(r, EpochReport) else None)
+    tab.start()
+    qtbot.waitUntil(lambda: len(epochs) >= 1, timeout=120_000)
+    thread = tab.runner.thread
+    tab.cancel()
+    assert thread.isFinished() and not tab.runner.running()
+    assert tab.result_model is not None and tab.use_button.isEnabled()
+    assert "Cancelled" in tab.status.text()
+
+
+def test_regions_of_the_open_slide_as_source(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    slide = tmp_path / DEMO.name
+    shutil.copy(DEMO, slide)
+    assert window.open_path(slide)
+    store = window.annotations.store
+    store.add(Annotation(shapely.box(1500, 900, 2100, 1500), "IDC", "a"),
+              Annotation(shapely.box(2900, 1700, 3300, 2300), "Non-IDC", "b"),
+              Annotation(shapely.box(700, 1900, 1100, 2300), "Non-IDC", "c"),
+              Annotation(shapely.box(1200, 1600, 1500, 1900), "IDC", "d"))
+    tab = window.training
+    tab.use_regions.setChecked(True)
+    tab.split_by.setCurrentIndex(1)  # by region: one slide
+    sources = tab.sources()
+    assert len(sources) == 1 and len(sources[0].annotations) == 4
+    tab.count()
+    row = [tab.counts_table.item(0, c).text() for c in range(4)]
+    assert row[0] == f"regions of {DEMO.name}"
+    assert int(row[1]) == 12 * 12 + 6 * 6 and int(row[2]) == 8 * 12 + 8 * 8  # 50 px cells inside the boxes
+    assert int(row[3]) == 4
+
+
+def test_close_window_mid_training(qtbot, window: MainWindow, tiny_folder: Path) -> None:
+    tab = window.training
+    configure(tab, tiny_folder, epochs=30)
+    steps: list[StepReport] = []
+    tab.runner.report.connect(lambda r: steps.append(r) if isinstance(r, StepReport) else None)
+    tab.start()
+    qtbot.waitUntil(lambda: len(steps) >= 1, timeout=120_000)
+    thread = tab.runner.thread
+    window.close()
+    assert thread.isFinished()

@@ -1,0 +1,155 @@
+"""A training session: load sources, split by group, fit, compare with the current model.
+
+One generator drives both `idc-viewer train` and the GUI's training tab, so the two give the
+same result for the same data, settings and seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.annotations import Annotation
+from inference.model import ModelMeta, load_checkpoint, pick_device
+from inference.slide import open_slide
+from training.data import PatchSet, load_folder, split_groups
+from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model, fit
+from training.regions import patches_from_annotations
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """A patch folder in the Kaggle layout (groups are patients)."""
+
+    path: str
+    exclude_patients: tuple[str, ...] = ()
+    limit_per_patient: int | None = None
+
+    def describe(self) -> str:
+        return f"patch folder {self.path}"
+
+
+@dataclass(frozen=True)
+class RegionSource:
+    """IDC / Non-IDC regions of one slide (groups are the slide, or its regions)."""
+
+    slide_path: str
+    annotations: tuple[Annotation, ...]
+    mpp: float | None = None
+    group_by: str = "slide"
+
+    def describe(self) -> str:
+        return f"regions of {Path(self.slide_path).name}"
+
+
+Source = FolderSource | RegionSource
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    sources: tuple[Source, ...]
+    train: TrainConfig
+    val_fraction: float = 0.15
+    test_fraction: float = 0.0
+    compare_with: str | None = None  # the model in use, compared on the same validation data
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """What was loaded and how it was split."""
+
+    counts: dict[str, dict[str, int]]  # split -> {patches, idc, non_idc, groups}
+    by_source: dict[str, dict[str, int]]  # source -> {patches, idc, non_idc, groups}
+    val_groups: tuple[str, ...]
+    test_groups: tuple[str, ...]
+    load_s: float
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    """New and current model on the same validation data (patient-weighted metrics)."""
+
+    new: dict[str, float]
+    current: dict[str, float] | None
+    test: dict[str, Any] | None = field(default=None)
+
+
+def model_meta_for(config: TrainConfig) -> ModelMeta:
+    """Working resolution and patch size used to cut regions: the start model's, else defaults."""
+    if config.init:
+        return load_checkpoint(config.init).meta
+    return ModelMeta(arch=config.arch, mpp=config.mpp)
+
+
+def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> tuple[PatchSet, dict[str, dict[str, int]]]:
+    parts, by_source = [], {}
+    for src in sources:
+        if isinstance(src, FolderSource):
+            data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed)
+        else:
+            with open_slide(src.slide_path, mpp=src.mpp) as slide:
+                data = patches_from_annotations(slide, src.annotations, meta, group_by=src.group_by)
+        parts.append(data)
+        by_source[src.describe()] = data.summary()
+    return PatchSet.concat(parts), by_source
+
+
+def split(data: PatchSet, val: float, test: float, seed: int) -> tuple[PatchSet, PatchSet, PatchSet]:
+    """Train / validation / test by group (patient, slide or region), never by patch."""
+    n_groups = len(np.unique(data.groups.astype(str)))
+    needed = 2 + (1 if test > 0 else 0)
+    if n_groups < needed:
+        raise ValueError(
+            f"The data hold {n_groups} patient/slide/region group(s); at least {needed} are needed to "
+            "validate on groups the model did not train on (draw more regions or add a patch folder)."
+        )
+    fractions = [1 - val - test, val] + ([test] if test > 0 else [])
+    masks = split_groups(data.groups, data.labels, fractions, seed)
+    parts = [data.subset(m) for m in masks]
+    if test <= 0:
+        parts.append(data.subset(np.zeros(len(data), bool)))
+    if not len(parts[1]) or not len(parts[0]):
+        raise ValueError("The split left no training or no validation patches; add data or change the split.")
+    return parts[0], parts[1], parts[2]
+
+
+def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport | DoneReport | CompareReport]:
+    """Load, split, train and compare; each step is a small report."""
+    t0 = time.perf_counter()
+    meta = model_meta_for(config.train)
+    data, by_source = load_sources(config.sources, meta, config.train.seed)
+    if len(data) == 0:
+        raise ValueError("No training patches were found in the chosen sources.")
+    train, val, test = split(data, config.val_fraction, config.test_fraction, config.train.seed)
+    yield DataReport(
+        counts={"train": train.summary(), "val": val.summary(), "test": test.summary()},
+        by_source=by_source,
+        val_groups=tuple(sorted(set(val.groups.astype(str).tolist()))),
+        test_groups=tuple(sorted(set(test.groups.astype(str).tolist()))),
+        load_s=time.perf_counter() - t0,
+    )
+    provenance = {
+        "sources": [s.describe() for s in config.sources],
+        "split": {"train": train.summary(), "val": val.summary(), "test": test.summary()},
+        "val_patients": sorted(set(val.groups.astype(str).tolist())),
+        "test_patients": sorted(set(test.groups.astype(str).tolist())),
+        "init": config.train.init,
+    }
+    done: DoneReport | None = None
+    for report in fit(config.train, train, val, provenance):
+        if isinstance(report, DoneReport):
+            done = report
+        yield report
+    assert done is not None
+    device = pick_device(config.train.device)
+    new = load_checkpoint(done.checkpoint, device)
+    current = None
+    if config.compare_with:
+        current = evaluate_model(load_checkpoint(config.compare_with, device), val, device)["patient_weighted"]
+    test_metrics = evaluate_model(new, test, device) if len(test) else None
+    yield CompareReport(evaluate_model(new, val, device)["patient_weighted"], current, test_metrics)

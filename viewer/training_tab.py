@@ -1,0 +1,434 @@
+"""The training tab: fine-tune the model on patch folders and annotated regions, with live curves."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from inference.annotations import AnnotationStore
+from inference.model import LoadedModel, ModelError, load_checkpoint, shipped_model_path
+from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
+from training.regions import DEFAULT_LABELS
+from training.session import (
+    CompareReport,
+    DataReport,
+    FolderSource,
+    RegionSource,
+    SessionConfig,
+    run,
+)
+from viewer.workers import JobRunner
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("balanced_accuracy", "auc", "f1", "accuracy", "sensitivity", "specificity")
+
+
+class TrainingTab(QWidget):
+    """Sources, settings, live curves and the comparison of the new model with the current one."""
+
+    model_accepted = Signal(object)  # LoadedModel the user chose to use
+
+    def __init__(self, current_model: Callable[[], LoadedModel | None],
+                 current_regions: Callable[[], RegionSource | None]) -> None:
+        super().__init__()
+        self._current_model = current_model
+        self._current_regions = current_regions
+        self.runner = JobRunner(self)
+        self.runner.report.connect(self._on_runner_report)
+        self.runner.failed.connect(self._on_runner_failed)
+        self.runner.finished.connect(self._on_runner_finished)
+        self._workdir = Path(tempfile.mkdtemp(prefix="idc-train-"))
+        self.result_path: Path | None = None
+        self.result_model: LoadedModel | None = None
+        self.compare: CompareReport | None = None
+        self._step_x: list[float] = []
+        self._step_loss: list[float] = []
+        self._epochs: list[EpochReport] = []
+        self._build()
+        self._update_controls()
+
+    # -- layout -----------------------------------------------------------------------------
+    def _build(self) -> None:
+        outer = QHBoxLayout(self)
+        split = QSplitter(Qt.Orientation.Horizontal)
+        outer.addWidget(split)
+        left = QWidget()
+        lv = QVBoxLayout(left)
+        split.addWidget(left)
+
+        src = QGroupBox("Training data")
+        sv = QVBoxLayout(src)
+        self.folder_list = QListWidget()
+        self.folder_list.setToolTip("Patch folders in the Kaggle layout: <root>/<patient>/<0|1>/*_classN.png")
+        sv.addWidget(self.folder_list)
+        row = QHBoxLayout()
+        add = QPushButton("Add patch folder\u2026")
+        add.clicked.connect(self._on_add_folder_clicked)
+        rem = QPushButton("Remove")
+        rem.clicked.connect(self._on_remove_folder_clicked)
+        row.addWidget(add)
+        row.addWidget(rem)
+        sv.addLayout(row)
+        self.use_regions = QCheckBox("IDC / Non-IDC regions of the open slide")
+        self.use_regions.setChecked(True)
+        sv.addWidget(self.use_regions)
+        self.count_button = QPushButton("Count patches")
+        self.count_button.clicked.connect(self.count)
+        sv.addWidget(self.count_button)
+        self.counts_table = QTableWidget(0, 4)
+        self.counts_table.setHorizontalHeaderLabels(["Source / split", "IDC", "Non-IDC", "Patients/slides"])
+        self.counts_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.counts_table.verticalHeader().setVisible(False)
+        self.counts_table.setMaximumHeight(160)
+        sv.addWidget(self.counts_table)
+        lv.addWidget(src)
+
+        settings = QGroupBox("Settings")
+        form = QFormLayout(settings)
+        self.start_model = QComboBox()
+        self.start_model.addItem("Current model", None)
+        self.start_model.addItem("Choose a checkpoint\u2026", "browse")
+        self.start_model.activated.connect(self._on_start_model_activated)
+        form.addRow("Start from", self.start_model)
+        self.epochs = QSpinBox()
+        self.epochs.setRange(1, 200)
+        self.epochs.setValue(3)
+        form.addRow("Epochs", self.epochs)
+        self.samples = QSpinBox()
+        self.samples.setRange(64, 1_000_000)
+        self.samples.setSingleStep(256)
+        self.samples.setValue(512)
+        form.addRow("Patches per epoch", self.samples)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(5)
+        self.lr.setRange(1e-5, 1.0)
+        self.lr.setSingleStep(1e-4)
+        self.lr.setValue(1e-3)
+        form.addRow("Learning rate", self.lr)
+        self.batch = QSpinBox()
+        self.batch.setRange(8, 1024)
+        self.batch.setValue(64)
+        form.addRow("Batch size", self.batch)
+        self.freeze = QCheckBox("Freeze the trunk (train the head only: fast)")
+        self.freeze.setChecked(True)
+        form.addRow(self.freeze)
+        self.augment = QCheckBox("Augmentation (flips, rotations, stain jitter)")
+        self.augment.setChecked(True)
+        form.addRow(self.augment)
+        self.split_by = QComboBox()
+        self.split_by.addItems(["patient or slide", "region (one slide)"])
+        form.addRow("Validation split by", self.split_by)
+        self.val_fraction = QDoubleSpinBox()
+        self.val_fraction.setRange(0.05, 0.5)
+        self.val_fraction.setSingleStep(0.05)
+        self.val_fraction.setValue(0.25)
+        form.addRow("Validation share", self.val_fraction)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 1_000_000)
+        form.addRow("Seed", self.seed)
+        lv.addWidget(settings)
+
+        row = QHBoxLayout()
+        self.start_button = QPushButton("Start training")
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel)
+        row.addWidget(self.start_button)
+        row.addWidget(self.cancel_button)
+        lv.addLayout(row)
+        self.progress = QProgressBar()
+        lv.addWidget(self.progress)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        lv.addWidget(self.status)
+        lv.addStretch(1)
+
+        right = QWidget()
+        rv = QVBoxLayout(right)
+        split.addWidget(right)
+        split.setStretchFactor(1, 2)
+        pg.setConfigOptions(antialias=True, background="w", foreground="k")
+        self.loss_plot = pg.PlotWidget(title="Loss")
+        self.loss_plot.addLegend()
+        self.loss_plot.setLabel("bottom", "epoch")
+        self.step_curve = self.loss_plot.plot(pen=pg.mkPen((150, 150, 220), width=1), name="train (batches)")
+        self.train_curve = self.loss_plot.plot(pen=pg.mkPen((30, 60, 200), width=2), symbol="o", symbolSize=6,
+                                               name="train")
+        self.val_curve = self.loss_plot.plot(pen=pg.mkPen((220, 60, 30), width=2), symbol="s", symbolSize=6,
+                                             name="validation")
+        rv.addWidget(self.loss_plot)
+        self.metric_plot = pg.PlotWidget(title="Validation")
+        self.metric_plot.addLegend()
+        self.metric_plot.setLabel("bottom", "epoch")
+        self.metric_plot.setYRange(0.4, 1.0)
+        self.bacc_curve = self.metric_plot.plot(pen=pg.mkPen((20, 140, 60), width=2), symbol="o", symbolSize=6,
+                                                name="balanced accuracy")
+        self.auc_curve = self.metric_plot.plot(pen=pg.mkPen((140, 40, 160), width=2), symbol="t", symbolSize=6,
+                                               name="AUC")
+        rv.addWidget(self.metric_plot)
+        self.epoch_table = QTableWidget(0, 6)
+        self.epoch_table.setHorizontalHeaderLabels(["Epoch", "Train loss", "Val loss", "Bal. acc", "AUC", "F1"])
+        self.epoch_table.verticalHeader().setVisible(False)
+        self.epoch_table.setMaximumHeight(150)
+        rv.addWidget(self.epoch_table)
+        self.compare_table = QTableWidget(len(METRIC_KEYS), 2)
+        self.compare_table.setHorizontalHeaderLabels(["New model", "Current model"])
+        self.compare_table.setVerticalHeaderLabels([k.replace("_", " ") for k in METRIC_KEYS])
+        self.compare_table.setMaximumHeight(210)
+        rv.addWidget(QLabel("On the same validation data (patient/slide-weighted):"))
+        rv.addWidget(self.compare_table)
+        row = QHBoxLayout()
+        self.use_button = QPushButton("Use this model")
+        self.use_button.clicked.connect(self.use_model)
+        self.save_button = QPushButton("Save checkpoint\u2026")
+        self.save_button.clicked.connect(self._on_save_clicked)
+        row.addWidget(self.use_button)
+        row.addWidget(self.save_button)
+        rv.addLayout(row)
+
+    def _update_controls(self) -> None:
+        running = self.runner.running()
+        self.start_button.setEnabled(not running)
+        self.count_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        has_result = self.result_path is not None and self.result_path.exists()
+        self.use_button.setEnabled(has_result and not running)
+        self.save_button.setEnabled(has_result and not running)
+
+    # -- sources ----------------------------------------------------------------------------
+    def add_folder(self, path: str) -> None:
+        self.folder_list.addItem(path)
+
+    @Slot()
+    def _on_add_folder_clicked(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Patch folder (Kaggle layout)")
+        if path:
+            self.add_folder(path)
+
+    @Slot()
+    def _on_remove_folder_clicked(self) -> None:
+        for item in self.folder_list.selectedItems():
+            self.folder_list.takeItem(self.folder_list.row(item))
+
+    @Slot(int)
+    def _on_start_model_activated(self, index: int) -> None:
+        if self.start_model.itemData(index) != "browse":
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Start from checkpoint", "", "Checkpoints (*.pt)")
+        if path:
+            self.start_model.insertItem(index, Path(path).name, path)
+            self.start_model.setCurrentIndex(index)
+        else:
+            self.start_model.setCurrentIndex(0)
+
+    def _start_path(self) -> str:
+        data = self.start_model.currentData()
+        if data:
+            return str(data)
+        model = self._current_model()
+        path = model.path if model is not None else None
+        return str(path or shipped_model_path())
+
+    def sources(self) -> tuple[FolderSource | RegionSource, ...]:
+        out: list[FolderSource | RegionSource] = [
+            FolderSource(self.folder_list.item(i).text()) for i in range(self.folder_list.count())
+        ]
+        if self.use_regions.isChecked():
+            regions = self._current_regions()
+            if regions is not None and regions.annotations:
+                group_by = "region" if self.split_by.currentIndex() == 1 else "slide"
+                out.append(RegionSource(regions.slide_path, regions.annotations, regions.mpp, group_by))
+        return tuple(out)
+
+    def config(self) -> SessionConfig:
+        start = self._start_path()
+        meta = load_checkpoint(start).meta
+        train = TrainConfig(
+            out=str(self._workdir / "fine_tuned.pt"),
+            arch=meta.arch,
+            epochs=self.epochs.value(),
+            samples_per_epoch=self.samples.value(),
+            batch_size=self.batch.value(),
+            lr=self.lr.value(),
+            patience=max(2, self.epochs.value()),
+            seed=self.seed.value(),
+            init=start,
+            freeze_trunk=self.freeze.isChecked(),
+            augment=self.augment.isChecked(),
+            mpp=meta.mpp,
+        )
+        return SessionConfig(self.sources(), train, self.val_fraction.value(), 0.0, compare_with=start)
+
+    @Slot()
+    def count(self) -> None:
+        """Show patch counts per source without training."""
+        from training.session import load_sources, model_meta_for
+
+        try:
+            config = self.config()
+            _data, by_source = load_sources(config.sources, model_meta_for(config.train))
+        except (ValueError, OSError, ModelError) as exc:
+            self.status.setText(f"Cannot count: {exc}")
+            return
+        self._fill_counts(by_source, {})
+
+    def _fill_counts(self, by_source: dict[str, dict[str, int]], splits: dict[str, dict[str, int]]) -> None:
+        rows = list(by_source.items()) + [(f"split: {k}", v) for k, v in splits.items() if v["patches"]]
+        self.counts_table.setRowCount(len(rows))
+        for r, (name, c) in enumerate(rows):
+            for col, text in enumerate([name, str(c["idc"]), str(c["non_idc"]), str(c["groups"])]):
+                self.counts_table.setItem(r, col, QTableWidgetItem(text))
+
+    # -- running ----------------------------------------------------------------------------
+    @Slot()
+    def start(self) -> None:
+        if self.runner.running():
+            return
+        try:
+            config = self.config()
+        except (ModelError, OSError) as exc:
+            self.status.setText(f"Cannot start: {exc}")
+            return
+        if not config.sources:
+            self.status.setText("Add a patch folder or draw IDC / Non-IDC regions on the open slide first.")
+            return
+        self._reset_curves()
+        self.result_path, self.result_model, self.compare = None, None, None
+        self.status.setText("Loading patches\u2026")
+        self.runner.start(lambda: run(config))
+        self._update_controls()
+
+    @Slot()
+    def cancel(self) -> None:
+        """Stop within one batch; the best checkpoint so far stays usable."""
+        if self.runner.running():
+            self.runner.stop()
+            out = Path(self.config_out())
+            if out.exists():
+                self.result_path = out
+                self.result_model = load_checkpoint(out)
+                self.status.setText("Cancelled; the best model so far can be used or saved.")
+            else:
+                self.status.setText("Cancelled before the first epoch finished; nothing to keep.")
+            self._update_controls()
+
+    def config_out(self) -> str:
+        return str(self._workdir / "fine_tuned.pt")
+
+    def stop(self) -> None:
+        self.runner.stop()
+
+    def _reset_curves(self) -> None:
+        self._step_x, self._step_loss, self._epochs = [], [], []
+        for curve in (self.step_curve, self.train_curve, self.val_curve, self.bacc_curve, self.auc_curve):
+            curve.setData([], [])
+        self.epoch_table.setRowCount(0)
+        self.compare_table.clearContents()
+        self.progress.setValue(0)
+
+    @Slot(object)
+    def _on_runner_report(self, report: object) -> None:
+        if isinstance(report, DataReport):
+            self._fill_counts(report.by_source, report.counts)
+            self.status.setText(f"Training on {report.counts['train']['patches']} patches, validating on "
+                                f"{report.counts['val']['patches']} ({len(report.val_groups)} groups).")
+        elif isinstance(report, StepReport):
+            x = report.epoch + (report.step + 1) / report.steps
+            self._step_x.append(x)
+            self._step_loss.append(report.loss)
+            self.step_curve.setData(self._step_x, self._step_loss)
+            total = report.steps * self.epochs.value()
+            self.progress.setRange(0, total)
+            self.progress.setValue(report.epoch * report.steps + report.step + 1)
+        elif isinstance(report, EpochReport):
+            self._epochs.append(report)
+            xs = [e.epoch for e in self._epochs]
+            self.train_curve.setData(xs, [e.train_loss for e in self._epochs])
+            self.val_curve.setData(xs, [e.val_loss for e in self._epochs])
+            self.bacc_curve.setData(xs, [e.val["balanced_accuracy"] for e in self._epochs])
+            self.auc_curve.setData(xs, [e.val["auc"] for e in self._epochs])
+            r = self.epoch_table.rowCount()
+            self.epoch_table.insertRow(r)
+            values = [str(report.epoch), f"{report.train_loss:.4f}", f"{report.val_loss:.4f}",
+                      f"{report.val['balanced_accuracy']:.3f}", f"{report.val['auc']:.3f}", f"{report.val['f1']:.3f}"]
+            for c, text in enumerate(values):
+                self.epoch_table.setItem(r, c, QTableWidgetItem(text + (" *" if c == 0 and report.best else "")))
+            self.status.setText(f"Epoch {report.epoch}/{report.epochs}; ETA {report.eta_s:.0f} s.")
+        elif isinstance(report, DoneReport):
+            self.result_path = Path(report.checkpoint)
+        elif isinstance(report, CompareReport):
+            self.compare = report
+            for r, key in enumerate(METRIC_KEYS):
+                self.compare_table.setItem(r, 0, QTableWidgetItem(f"{report.new[key]:.3f}"))
+                cur = "\u2014" if report.current is None else f"{report.current[key]:.3f}"
+                self.compare_table.setItem(r, 1, QTableWidgetItem(cur))
+
+    @Slot(str)
+    def _on_runner_failed(self, message: str) -> None:
+        self.status.setText(f"Training stopped: {message}")
+
+    @Slot(bool)
+    def _on_runner_finished(self, completed: bool) -> None:
+        if completed and self.result_path is not None:
+            self.result_model = load_checkpoint(self.result_path)
+            self.status.setText("Done. Compare the models below, then use or save the new one.")
+        self._update_controls()
+
+    # -- results ----------------------------------------------------------------------------
+    @Slot()
+    def use_model(self) -> None:
+        if self.result_path is None:
+            return
+        model = load_checkpoint(self.result_path)
+        self.model_accepted.emit(model)
+        self.status.setText(f"Using {model.model_id}; the heatmap of the open slide is being recomputed.")
+
+    @Slot()
+    def _on_save_clicked(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save checkpoint", "idc_finetuned.pt", "Checkpoints (*.pt)")
+        if path:
+            self.save_checkpoint(Path(path))
+
+    def save_checkpoint(self, path: Path) -> Path:
+        """Copy the new checkpoint (with its provenance) atomically."""
+        assert self.result_path is not None
+        tmp = path.with_name(path.name + ".part")
+        shutil.copyfile(self.result_path, tmp)
+        tmp.replace(path)
+        self.status.setText(f"Saved {path}.")
+        return path
+
+
+def regions_source(slide_path: Path | None, store: AnnotationStore | None, mpp: float | None) -> RegionSource | None:
+    """The open slide's IDC / Non-IDC regions as a training source."""
+    if slide_path is None or store is None:
+        return None
+    anns = tuple(a for a in store.items if a.cls in DEFAULT_LABELS)
+    return RegionSource(str(slide_path), anns, mpp) if anns else None
