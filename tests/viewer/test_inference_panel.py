@@ -18,7 +18,8 @@ def model():
 
 
 @pytest.fixture
-def window(qtbot, tmp_path: Path, model) -> MainWindow:
+def window(qtbot, tmp_path: Path, model, monkeypatch) -> MainWindow:
+    monkeypatch.setenv("IDC_VIEWER_CACHE", str(tmp_path / "cache"))  # no heatmaps from other tests
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
     w = MainWindow(settings=settings, interactive=False, model=model, device="cpu")
     w.inference.settings = PredictSettings(batch_size=64, first_batch=16)

@@ -36,7 +36,8 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def window(qtbot, tmp_path: Path) -> MainWindow:
+def window(qtbot, tmp_path: Path, monkeypatch) -> MainWindow:
+    monkeypatch.setenv("IDC_VIEWER_CACHE", str(tmp_path / "cache"))  # no heatmaps from other tests
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
     w = MainWindow(settings=settings, interactive=False, model=load_checkpoint(shipped_model_path()), device="cpu")
     w.inference.settings = PredictSettings(batch_size=128)
