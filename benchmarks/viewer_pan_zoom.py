@@ -40,7 +40,7 @@ def wait_sharp(app: QApplication, view: SlideView, timeout_s: float = 30) -> flo
     loop = QEventLoop()
     view.became_sharp.connect(loop.quit)
     QTimer.singleShot(int(timeout_s * 1000), loop.quit)
-    view._schedule_update()
+    view.request_update()
     view.viewport().repaint()
     if not view.is_sharp():
         loop.exec()

@@ -72,11 +72,6 @@ def to_level(rect_l0: Rect, downsample: float) -> tuple[int, int, int, int]:
     return x0, y0, max(1, x1 - x0), max(1, y1 - y0)
 
 
-def level_to_l0(x_lv: float, downsample: float) -> float:
-    """A level coordinate -> level-0 pixels."""
-    return x_lv * downsample
-
-
 def display_downsamples(width_l0: int, height_l0: int, tile: int = 256) -> list[float]:
     """Power-of-two display pyramid, from 1 to the first level fitting in one tile."""
     out = [1.0]

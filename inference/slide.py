@@ -10,7 +10,7 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -228,8 +228,6 @@ class Slide:
         """Set the resolution by hand (um per level-0 pixel) for slides that lack it."""
         if not (np.isfinite(mpp) and 0.01 <= mpp <= 100):
             raise SlideError(f"{mpp} um per pixel is not a plausible resolution (0.01 to 100).")
-        from dataclasses import replace
-
         self.info = replace(self.info, mpp=float(mpp), mpp_from_file=False)
 
     def fingerprint(self) -> str:

@@ -66,7 +66,7 @@ def run_gui(args: argparse.Namespace) -> int:
         return app.exec()
     window.show()
     window.set_slide(slide)
-    window._remember(path)
+    window.remember_recent(path)
     if model_error:
         window.statusBar().showMessage(model_error, 15000)
     if args.heatmap:
@@ -101,6 +101,6 @@ def run_gui(args: argparse.Namespace) -> int:
     window.inference.heatmap_finished.connect(lambda _hm: QTimer.singleShot(0, save_when_ready))
     window.inference.runner.failed.connect(lambda _msg: (window.close(), app.quit()))
     QTimer.singleShot(600_000 if args.heatmap else 120_000, timeout)
-    QTimer.singleShot(0, window.view._schedule_update)
+    QTimer.singleShot(0, window.view.request_update)
     app.exec()
     return result["rc"]

@@ -34,6 +34,7 @@ from training.session import RegionSource
 from viewer.annotation_controller import AnnotationController
 from viewer.annotation_panel import AnnotationPanel
 from viewer.inference_panel import InferencePanel
+from viewer.layers import qimage_to_array
 from viewer.panels import MetadataPanel, OverviewPanel
 from viewer.slide_view import PRESETS, SlideView
 from viewer.tools import TOOLS
@@ -197,7 +198,7 @@ class MainWindow(QMainWindow):
             value = [value]
         return [str(v) for v in (value or [])]
 
-    def _remember(self, path: Path) -> None:
+    def remember_recent(self, path: Path) -> None:
         p = str(path.resolve())
         items = [p] + [r for r in self.recent_files() if r != p]
         self.settings.setValue("recent", items[:MAX_RECENT])
@@ -216,7 +217,7 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot open slide", f"{Path(path).name} could not be opened ({type(exc).__name__}).")
             return False
         self.set_slide(slide)
-        self._remember(Path(path))
+        self.remember_recent(Path(path))
         return True
 
     def set_slide(self, slide: Slide) -> None:
@@ -250,8 +251,6 @@ class MainWindow(QMainWindow):
 
     def _coarsest_image(self) -> np.ndarray:
         """Assemble the pinned coarsest tiles into one thumbnail array."""
-        from viewer.layers import qimage_to_array
-
         tiles = self.view.tiles
         assert tiles is not None
         grid = tiles.grid

@@ -71,8 +71,8 @@ class SlideView(QGraphicsView):
         self._fitted = False  # stays fitted across resizes until the user zooms or pans
         self._check = QTimer(self, singleShot=True, interval=0)
         self._check.timeout.connect(self._on_check_timeout)
-        self.horizontalScrollBar().valueChanged.connect(self._schedule_update)
-        self.verticalScrollBar().valueChanged.connect(self._schedule_update)
+        self.horizontalScrollBar().valueChanged.connect(self.request_update)
+        self.verticalScrollBar().valueChanged.connect(self.request_update)
 
     # -- slide ------------------------------------------------------------------------------
     def set_slide(self, slide: Slide) -> None:
@@ -211,7 +211,7 @@ class SlideView(QGraphicsView):
         delta = self.mapToScene(anchor_view) - anchor_scene
         self.translate(delta.x(), delta.y())
         self.setTransformationAnchor(QGraphicsView.ViewportAnchor.AnchorUnderMouse)
-        self._schedule_update()
+        self.request_update()
 
     def zoom_by(self, factor: float, anchor_scene: QPointF | None = None) -> None:
         self.set_scale(self.scale_factor * factor, anchor_scene)
@@ -226,12 +226,12 @@ class SlideView(QGraphicsView):
         self.scale(s, s)
         self.centerOn(w / 2, h / 2)
         self._fitted = True
-        self._schedule_update()
+        self.request_update()
 
     def center_on_l0(self, x_l0: float, y_l0: float) -> None:
         self._fitted = False
         self.centerOn(x_l0, y_l0)
-        self._schedule_update()
+        self.request_update()
 
     def wheelEvent(self, event: QWheelEvent) -> None:
         steps = event.angleDelta().y() / 120.0
@@ -286,10 +286,10 @@ class SlideView(QGraphicsView):
         super().resizeEvent(event)
         if self._fitted:
             self.fit()
-        self._schedule_update()
+        self.request_update()
 
     @Slot()
-    def _schedule_update(self, *_args: object) -> None:
+    def request_update(self, *_args: object) -> None:
         if self.slide is None:
             return
         if self.loader is not None:

@@ -160,3 +160,24 @@ def test_cli_errors_are_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("idc-viewer evaluate: error:") and "Traceback" not in err
+
+
+def test_resume_continues_from_the_last_epoch(small_real: PatchSet, tmp_path: Path) -> None:
+    from training.loop import EpochReport
+
+    parts = split_groups(small_real.groups, small_real.labels, [0.8, 0.2], seed=0)
+    train, val = small_real.subset(parts[0]), small_real.subset(parts[1])
+    config = TrainConfig(out=str(tmp_path / "r.pt"), arch=Architecture(10, 1), epochs=3, samples_per_epoch=128,
+                         batch_size=64, device="cpu", patience=10)
+    gen = fit(config, train, val)
+    epochs = []
+    for r in gen:
+        if isinstance(r, EpochReport):
+            epochs.append(r.epoch)
+            break  # stop after one epoch, as a killed process would
+    gen.close()
+    assert epochs == [1]
+    from dataclasses import replace
+
+    resumed = [r.epoch for r in fit(replace(config, resume=True), train, val) if isinstance(r, EpochReport)]
+    assert resumed == [2, 3]

@@ -207,3 +207,16 @@ def test_painting_does_not_leak_references_to_none(qtbot, window: MainWindow) ->
     for _ in range(200):
         view.viewport().repaint()
     assert abs(sys.getrefcount(None) - before) < 100
+
+
+def test_drop_a_slide_file_opens_it(qtbot, window: MainWindow) -> None:
+    from PySide6.QtCore import QMimeData, QUrl
+    from PySide6.QtGui import QDropEvent
+
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(CMU_SVS))])
+    ev = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                    Qt.KeyboardModifier.NoModifier)
+    with qtbot.waitSignal(window.slide_opened, timeout=5000):
+        window.dropEvent(ev)
+    assert window.slide.path == CMU_SVS
