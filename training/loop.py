@@ -54,6 +54,7 @@ class TrainConfig:
     resume: bool = False
     mpp: float = 4.0
     num_threads: int | None = None
+    ema: float = 0.999  # decay of the weight average that is evaluated and saved (0: off)
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,19 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         history = json.loads(state["history"])
         rng = np.random.default_rng(config.seed + start_epoch)
 
+    # Exponential moving average of the weights (and batch-norm buffers); its decay warms up
+    # as min(ema, (1 + n) / (10 + n)) so that short fine-tuning runs still move.
+    ema_net = None
+    if config.ema > 0:
+        from torch.optim.swa_utils import AveragedModel
+
+        def ema_fn(avg: torch.Tensor, new: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+            decay = min(config.ema, (1 + int(n)) / (10 + int(n)))
+            return avg * decay + new * (1 - decay)
+
+        ema_net = AveragedModel(net, avg_fn=ema_fn, use_buffers=True)
+        if config.resume and resume_path.exists():
+            ema_net.load_state_dict(state["ema"])
     sample_w = group_weights(train.groups, train.labels)
     sample_p = sample_w / sample_w.sum()
     val_w = evaluation_weights(val.groups)
@@ -233,9 +247,12 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
             loss.backward()
             opt.step()
             sched.step()
+            if ema_net is not None:
+                ema_net.update_parameters(net)
             losses.append(loss.item())
             yield StepReport(epoch, step, steps_per_epoch, losses[-1], len(b) / (time.perf_counter() - ts))
-        p_val = predict_patches(net, meta, val.images, device)
+        eval_net = ema_net.module if ema_net is not None else net
+        p_val = predict_patches(eval_net, meta, val.images, device)
         val_loss = float(
             np.average(_bce(p_val, val.labels), weights=val_w)
         )
@@ -253,11 +270,12 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
                 metrics={"validation": report, "epoch": epoch + 1},
                 provenance={**(provenance or {}), "config": _config_dict(config), "history": history},
             )
-            save_checkpoint(out, net, best_meta)
+            save_checkpoint(out, eval_net, best_meta)
         state = {
             "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
             "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch,
             "history": json.dumps(history),
+            **({"ema": ema_net.state_dict()} if ema_net is not None else {}),
         }
         tmp = resume_path.with_name(resume_path.name + ".part")
         torch.save(state, tmp)
