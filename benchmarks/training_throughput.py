@@ -26,10 +26,16 @@ from training.session import model_meta_for
 PATCHES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "idc_patches"
 
 
+def random_images(batch: int, device: torch.device) -> torch.Tensor:
+    """Random uint8 RGB patches scaled to about unit range, like the real inputs."""
+    rng = np.random.default_rng(0)
+    return (torch.from_numpy(rng.integers(0, 256, (batch, 3, 50, 50), dtype=np.uint8)).float().to(device) / 255 - 0.5) / 0.25
+
+
 def pure_train_rate(arch: Architecture, device: torch.device, batch: int, seconds: float) -> float:
     net = WideResNet(arch).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
-    x = torch.randn(batch, 3, 50, 50, device=device)
+    x = random_images(batch, device)
     y = torch.randint(0, 2, (batch,), device=device).float()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -43,7 +49,7 @@ def pure_train_rate(arch: Architecture, device: torch.device, batch: int, second
 
 def pure_infer_rate(arch: Architecture, device: torch.device, batch: int, seconds: float) -> float:
     net = WideResNet(arch).to(device).eval()
-    x = torch.randn(batch, 3, 50, 50, device=device)
+    x = random_images(batch, device)
     n, t0 = 0, time.perf_counter()
     with torch.inference_mode():
         while time.perf_counter() - t0 < seconds:
@@ -82,16 +88,18 @@ def main() -> int:
                     break
         pipe_train = n / (time.perf_counter() - t0)
 
-    pure_inf = pure_infer_rate(arch, device, 256, args.seconds)
+    infer_batch = 256 if device.type == "cuda" else 64
+    pure_inf = pure_infer_rate(arch, device, infer_batch, args.seconds)
     meta = model_meta_for(TrainConfig(out="", arch=arch))
     net = WideResNet(arch).to(device).eval()
     imgs = val.images[:4096]
-    predict_patches(net, meta, imgs[:256], device)
+    predict_patches(net, meta, imgs[:infer_batch], device)
     t0 = time.perf_counter()
     predict_patches(net, meta, imgs, device)
     pipe_inf = len(imgs) / (time.perf_counter() - t0)
 
-    print(f"device {device}, torch threads {torch.get_num_threads()}, WRN-16-2, batch {batch} (train) / 256 (inference)")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, WRN-16-2, batch {batch} (train) / "
+          f"{infer_batch} (inference); pure rates on random image tensors")
     print(f"training: fit() on real patches {pipe_train:.0f} patches/s; pure forward+backward {pure_train:.0f}/s; "
           f"ratio {pipe_train / pure_train:.0%}")
     print(f"inference: predict_patches on real patches {pipe_inf:.0f} patches/s; pure forward {pure_inf:.0f}/s; "
@@ -100,7 +108,7 @@ def main() -> int:
     for widen in (1, 2, 4, 8):
         a = Architecture(16, widen)
         params = sum(p.numel() for p in WideResNet(a).parameters())
-        rate = pure_infer_rate(a, device, 256, args.seconds / 2)
+        rate = pure_infer_rate(a, device, infer_batch, args.seconds / 2)
         print(f"  {a.name}: {rate:8.0f} patches/s, {params / 1e6:.2f} M parameters")
     return 0
 

@@ -76,6 +76,7 @@ def main() -> int:
 
     # Cold: jumps to unseen places at several zoom levels.
     cold, cold_base = [], []
+    by_scale: dict[float, list[float]] = {}
     scales = [1.0, 0.5, 0.25, 0.125, 0.0625]
     for i in range(20):
         scale = scales[i % len(scales)]
@@ -83,6 +84,7 @@ def main() -> int:
         view.set_scale(scale)
         view.center_on_l0(cx, cy)
         cold.append(wait_sharp(app, view))
+        by_scale.setdefault(scale, []).append(cold[-1])
         cold_base.append(baseline_read(osr, cx, cy, scale))
 
     # Warm: pan back and forth over a visited strip at 1:1 and at 0.25.
@@ -109,6 +111,7 @@ def main() -> int:
     print(f"slide: {path.name}, {w0} x {h0}, levels {slide.info.level_downsamples}, viewport {VIEW_W}x{VIEW_H}")
     print(f"cold full-sharp viewport: p50 {percentile(cold, 50) * ms:.1f} ms, p95 {percentile(cold, 95) * ms:.1f} ms"
           f"  (target <= 150 ms)")
+    print("  by zoom: " + ", ".join(f"{s:g}x of level 0: {percentile(v, 50) * ms:.0f} ms" for s, v in by_scale.items()))
     print(f"  baseline OpenSlide read_region of same viewports: p50 {percentile(cold_base, 50) * ms:.1f} ms,"
           f" p95 {percentile(cold_base, 95) * ms:.1f} ms")
     print(f"  ratio cold p50 / baseline p50: {percentile(cold, 50) / percentile(cold_base, 50):.2f}")

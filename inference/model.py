@@ -151,7 +151,7 @@ class LoadedModel:
 
     def normalise(self, batch_u8: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """(n, h, w, 3) uint8 RGB -> normalised float (n, 3, h, w) on ``device``."""
-        t = torch.as_tensor(batch_u8).to(device, non_blocking=True)
+        t = torch.as_tensor(np.require(batch_u8, requirements="W")).to(device, non_blocking=True)
         t = t.permute(0, 3, 1, 2).float().div_(255)
         mean = torch.tensor(self.meta.mean, device=t.device).view(1, 3, 1, 1)
         std = torch.tensor(self.meta.std, device=t.device).view(1, 3, 1, 1)

@@ -33,7 +33,7 @@ BLOCK = 16
 @dataclass(frozen=True)
 class PredictSettings:
     stride_px: int | None = None
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 64 on the CPU (cache-friendly), 256 on a GPU
     first_batch: int = 32  # a small first batch puts cells on screen quickly
     min_tissue: float = MIN_TISSUE
     readers: int = 2
@@ -125,6 +125,7 @@ def predict_slide(
     """Compute every tissue patch not yet done in ``heatmap``, yielding after each batch."""
     settings = settings or PredictSettings()
     device = torch.device(device)
+    batch_size = settings.batch_size or (256 if device.type == "cuda" else 64)
     grid = heatmap.grid
     todo = heatmap.tissue & ~heatmap.patch_done
     blocks = _blocks(todo)
@@ -165,7 +166,7 @@ def predict_slide(
     try:
         fill()
         while pending or buffered:
-            want = min(settings.first_batch if done == start_done else settings.batch_size, settings.batch_size)
+            want = min(settings.first_batch if done == start_done else batch_size, batch_size)
             while pending and buffered < want:
                 fut, rr, cc = pending.popleft()
                 buf_img.append(fut.result())

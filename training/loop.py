@@ -103,9 +103,13 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             out[m] = torch.rot90(x[m], r, (2, 3))
     # Stain jitter in optical density space (per-sample, per-channel scale and shift).
     od = -torch.log(out.clamp_min(1 / 255))
-    alpha = (1 + 0.08 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
-    beta = (0.03 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
+    alpha = (1 + 0.12 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
+    beta = (0.04 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
     out = torch.exp(-(od * alpha + beta))
+    # Saturation: blend with the grey image.
+    grey = out.mean(dim=1, keepdim=True)
+    sat = (1 + 0.2 * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)).to(dev)
+    out = grey + (out - grey) * sat
     # Brightness / contrast.
     b = (1 + 0.08 * torch.randn(n, 1, 1, 1, generator=gen)).to(dev)
     c = (1 + 0.08 * torch.randn(n, 1, 1, 1, generator=gen)).to(dev)
@@ -124,9 +128,10 @@ def _normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 
 
 def predict_patches(
-    net: torch.nn.Module, meta: ModelMeta, images: np.ndarray, device: torch.device, batch: int = 256
+    net: torch.nn.Module, meta: ModelMeta, images: np.ndarray, device: torch.device, batch: int | None = None
 ) -> np.ndarray:
-    """IDC probabilities for (n, h, w, 3) uint8 patches."""
+    """IDC probabilities for (n, h, w, 3) uint8 patches (batch: 64 on CPU, 256 on GPU by default)."""
+    batch = batch or (256 if device.type == "cuda" else 64)
     net.eval()
     out = []
     with torch.inference_mode():
