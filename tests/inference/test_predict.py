@@ -38,17 +38,24 @@ def real_patches() -> list[np.ndarray]:
     return [load_patch(root / r["path"]) for r in pick]
 
 
-def mosaic(patches: list[np.ndarray], shape: tuple[int, int], up: int, seed: int = 0):
-    """A level-0 image whose grid cells are the given patches (upsampled ``up`` x) or blank."""
+def mosaic(patches: list[np.ndarray], shape: tuple[int, int], up: float, seed: int = 0):
+    """A level-0 image whose grid cells are the given patches (upsampled ``up`` x) or blank.
+
+    Integer factors repeat pixels (exact); others resize bicubically to round(50 * up) px.
+    """
     rows, cols = shape
+    side = round(50 * up)
     rng = np.random.default_rng(seed)
     cells = rng.choice(rows * cols, len(patches), replace=False)
-    img = np.full((rows * 50 * up, cols * 50 * up, 3), 255, np.uint8)
+    img = np.full((rows * side, cols * side, 3), 255, np.uint8)
     placed = {}
     for patch, cell in zip(patches, cells, strict=True):
         r, c = divmod(int(cell), cols)
-        big = np.repeat(np.repeat(patch, up, axis=0), up, axis=1)
-        img[r * 50 * up : (r + 1) * 50 * up, c * 50 * up : (c + 1) * 50 * up] = big
+        if float(up).is_integer():
+            big = np.repeat(np.repeat(patch, int(up), axis=0), int(up), axis=1)
+        else:
+            big = np.asarray(Image.fromarray(patch).resize((side, side), Image.Resampling.BICUBIC))
+        img[r * side : (r + 1) * side, c * side : (c + 1) * side] = big
         placed[(r, c)] = patch
     return img, placed
 
@@ -79,23 +86,25 @@ def test_heatmap_cells_match_the_model_on_the_original_patches(tmp_path: Path, m
 
 
 def test_jpeg_and_non_integer_mpp_ratio(tmp_path: Path, model: LoadedModel, real_patches) -> None:
-    img, placed = mosaic(real_patches[:12], (4, 5), up=3, seed=1)
-    # Level 0 is 3x the model's resolution, stored with a 0.5% scale error: ratio 2.985.
+    img, placed = mosaic(real_patches[:16], (4, 5), up=2.5, seed=1)
+    # Level 0 is 2.5x the model's resolution (a non-integer ratio), stored as JPEG.
     path = tmp_path / "jpeg.tif"
-    mpp = model.meta.mpp / 2.985
-    write_pyramid_from_array(path, img, mpp, downsamples=(1, 3), compression="jpeg", quality=95)
+    write_pyramid_from_array(path, img, model.meta.mpp / 2.5, downsamples=(1, 3), compression="jpeg", quality=95)
     expected = predict_patches(model.net, model.meta, np.stack(list(placed.values())), torch.device("cpu"))
     with open_slide(path) as slide:
         hm = plan(slide, model, PredictSettings())
-        assert hm.grid.patch_l0 == pytest.approx(149.25)
+        assert hm.grid.patch_l0 == pytest.approx(125)
         for _ in predict_slide(slide, model, hm):
             pass
-    done = [rc for rc in placed if hm.patch_done[rc]]
-    got = np.array([hm.patch_prob[rc] for rc in done])
-    exp = np.array([expected[list(placed).index(rc)] for rc in done])
-    # Cells drift by up to 0.75 px per cell from the true patches here, plus JPEG noise.
-    assert np.corrcoef(got, exp)[0, 1] > 0.9
-    assert np.abs(got - exp).mean() < 0.1
+    done = [i for i, rc in enumerate(placed) if hm.patch_done[rc]]
+    assert len(done) >= 12  # pale real patches may fall below the tissue mask
+    got = np.array([hm.patch_prob[rc] for rc in placed])[done]
+    # Same cells; only resampling (bicubic up, box down) and JPEG noise differ, which the model
+    # feels (one patch moves by ~0.25). A misaligned assignment would be far worse.
+    err = np.abs(got - expected[done]).mean()
+    misaligned = np.abs(got - np.roll(expected[done], 1)).mean()
+    assert err < 0.08 and np.corrcoef(got, expected[done])[0, 1] > 0.9
+    assert misaligned > 3 * err
 
 
 def test_no_mpp_slide_needs_a_resolution(slide_no_mpp, model: LoadedModel) -> None:
