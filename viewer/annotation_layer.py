@@ -15,31 +15,11 @@ from PySide6.QtWidgets import (
     QStyleOptionGraphicsItem,
     QWidget,
 )
-from shapely.geometry.base import BaseGeometry
 
 from inference.annotations import Annotation, AnnotationStore
+from viewer.layers import geometry_path
 
 POINT_RADIUS_PX = 6
-
-
-def geometry_path(geom: BaseGeometry) -> QPainterPath:
-    """A QPainterPath of polygons (with holes) and lines; points are drawn by the item."""
-    path = QPainterPath()
-    path.setFillRule(Qt.FillRule.OddEvenFill)
-    for part in getattr(geom, "geoms", [geom]):
-        if part.geom_type == "Polygon":
-            for ring in [part.exterior, *part.interiors]:
-                pts = list(ring.coords)
-                path.moveTo(*pts[0])
-                for x, y in pts[1:]:
-                    path.lineTo(x, y)
-                path.closeSubpath()
-        elif part.geom_type == "LineString":
-            pts = list(part.coords)
-            path.moveTo(*pts[0])
-            for x, y in pts[1:]:
-                path.lineTo(x, y)
-    return path
 
 
 class VertexHandle(QGraphicsRectItem):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtCore import QRect, QRectF
+import shapely
+from PySide6.QtCore import QRect, QRectF, Qt
 from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QPixmap
 from PySide6.QtWidgets import QGraphicsItem, QGraphicsPathItem, QStyleOptionGraphicsItem, QWidget
+from shapely.geometry.base import BaseGeometry
 
 from inference.geometry import Rect
 from inference.heatmap import Heatmap
@@ -171,26 +173,33 @@ class HeatmapLayer(QGraphicsItem):
         painter.drawImage(self.boundingRect(), self._image, QRectF(self._image.rect()))
 
 
-class OutlineLayer(QGraphicsPathItem):
-    """Outlines of regions given as level-0 rectangles (e.g. the pathologist's IDC patches)."""
-
-    def __init__(self, rects: list[Rect], colour: QColor) -> None:
-        from shapely.geometry import box
-        from shapely.ops import unary_union
-
-        super().__init__()
-        union = unary_union([box(r.x, r.y, r.right, r.bottom) for r in rects])
-        path = QPainterPath()
-        for poly in getattr(union, "geoms", [union]):
-            if poly.is_empty:
-                continue
-            for ring in [poly.exterior, *poly.interiors]:
+def geometry_path(geom: BaseGeometry) -> QPainterPath:
+    """A QPainterPath of polygons (with holes) and lines; points are drawn by the item."""
+    path = QPainterPath()
+    path.setFillRule(Qt.FillRule.OddEvenFill)
+    for part in getattr(geom, "geoms", [geom]):
+        if part.geom_type == "Polygon":
+            for ring in [part.exterior, *part.interiors]:
                 pts = list(ring.coords)
                 path.moveTo(*pts[0])
                 for x, y in pts[1:]:
                     path.lineTo(x, y)
                 path.closeSubpath()
-        self.setPath(path)
+        elif part.geom_type == "LineString":
+            pts = list(part.coords)
+            path.moveTo(*pts[0])
+            for x, y in pts[1:]:
+                path.lineTo(x, y)
+    return path
+
+
+class OutlineLayer(QGraphicsPathItem):
+    """Outlines of regions given as level-0 rectangles (e.g. the pathologist's IDC patches)."""
+
+    def __init__(self, rects: list[Rect], colour: QColor) -> None:
+        super().__init__()
+        union = shapely.union_all([shapely.box(r.x, r.y, r.right, r.bottom) for r in rects])
+        self.setPath(geometry_path(union))
         pen = QPen(colour, 2.5)
         pen.setCosmetic(True)  # constant screen width at every zoom
         self.setPen(pen)

@@ -10,6 +10,8 @@ from PySide6.QtGui import QColor, QPainterPath, QPen
 from PySide6.QtWidgets import QGraphicsPathItem, QGraphicsScene
 from shapely.geometry.base import BaseGeometry
 
+from viewer.layers import geometry_path
+
 #: Tool name -> shortcut, close to QuPath's where it has one.
 TOOLS = {
     "pan": ("Move / pan", "M"),
@@ -185,8 +187,6 @@ class BrushTool(Tool):
         return line.buffer(r, quad_segs=6)
 
     def _paint(self) -> None:
-        from viewer.annotation_layer import geometry_path
-
         self.preview.setPath(geometry_path(self._stroke()))
 
     def release(self, p: QPointF) -> None:
