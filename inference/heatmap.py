@@ -91,11 +91,9 @@ class Heatmap:
                 np.add.at(self.count, (rows + dr, cols + dc), 1)
         return int(rows.min()), int(cols.min()), int(rows.max()) + k, int(cols.max()) + k
 
-    def to_rgba(self, colormap: str = "inferno", threshold: float = 0.0, alpha: int = 255,
-                block: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    def to_rgba(self, colormap: str = "inferno", threshold: float = 0.0, alpha: int = 255) -> np.ndarray:
         """RGBA uint8 (rows, cols, 4), one pixel per cell; transparent below ``threshold``."""
-        r0, c0, r1, c1 = block or (0, 0, *self.prob.shape)
-        p = self.prob[r0:r1, c0:c1]
+        p = self.prob
         lut = colormap_lut(colormap)
         idx = np.clip(np.nan_to_num(p, nan=0.0) * 255, 0, 255).astype(np.uint8)
         out = np.zeros((*p.shape, 4), np.uint8)

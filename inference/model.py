@@ -149,13 +149,22 @@ class LoadedModel:
     def model_id(self) -> str:
         return f"{self.meta.arch.name}-{self.sha256[:12]}"
 
-    def normalise(self, batch_u8: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    def normalise(self, batch_u8: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """(n, h, w, 3) uint8 RGB -> normalised float (n, 3, h, w) on ``device``."""
-        t = torch.as_tensor(np.require(batch_u8, requirements="W")).to(device, non_blocking=True)
-        t = t.permute(0, 3, 1, 2).float().div_(255)
-        mean = torch.tensor(self.meta.mean, device=t.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.meta.std, device=t.device).view(1, 3, 1, 1)
-        return (t - mean) / std
+        return normalise(to_float(batch_u8, torch.device(device)), self.meta)
+
+
+def to_float(images_u8: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(n, h, w, 3) uint8 RGB -> float (n, 3, h, w) in [0, 1] on ``device``."""
+    t = torch.from_numpy(np.require(images_u8, requirements="W")).to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2).float().div_(255)
+
+
+def normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
+    """Float (n, 3, h, w) in [0, 1] -> the model's input, with the checkpoint's mean and std."""
+    mean = torch.tensor(meta.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(meta.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def build(meta: ModelMeta) -> WideResNet:

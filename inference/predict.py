@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from inference.heatmap import Heatmap, HeatmapInfo
-from inference.model import LoadedModel
+from inference.model import LoadedModel, normalise, to_float
 from inference.patches import PatchGrid
 from inference.slide import Slide
 from inference.tissue import MIN_TISSUE, patch_tissue
@@ -135,8 +135,6 @@ def predict_slide(
     cuda = device.type == "cuda"
     if cuda:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    mean = torch.tensor(model.meta.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(model.meta.std, device=device).view(1, 3, 1, 1)
     pool = ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="predict-read")
     pending: deque[tuple[Future[np.ndarray], np.ndarray, np.ndarray]] = deque()
     t0 = time.perf_counter()
@@ -151,8 +149,7 @@ def predict_slide(
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            x = torch.from_numpy(images).to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-            x = (x - mean) / std
+            x = normalise(to_float(images, device), model.meta)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from inference.model import Architecture, load_checkpoint, pick_device, shipped_model_path
+from inference.model import (
+    Architecture,
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+    shipped_model_path,
+)
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model
 from training.session import CompareReport, DataReport, FolderSource, SessionConfig, load_sources
 from training.session import run as run_session
@@ -74,10 +81,6 @@ def run_train(args: Any) -> int:
 
 def _append_test_metrics(path: Path, test: dict[str, Any]) -> None:
     """Store held-out test metrics in the checkpoint's metadata (rewritten atomically)."""
-    from dataclasses import replace
-
-    from inference.model import save_checkpoint
-
     model = load_checkpoint(path)
     meta = replace(model.meta, metrics={**model.meta.metrics, "test": test})
     save_checkpoint(path, model.net, meta)

@@ -26,8 +26,10 @@ from inference.model import (
     ModelMeta,
     WideResNet,
     load_checkpoint,
+    normalise,
     pick_device,
     save_checkpoint,
+    to_float,
 )
 from training.data import PatchSet, evaluation_weights, group_weights
 
@@ -117,16 +119,6 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return ((out - mean) * c + mean * b).clamp(0, 1)
 
 
-def _to_float(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
-
-
-def _normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
-    mean = torch.tensor(meta.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def predict_patches(
     net: torch.nn.Module, meta: ModelMeta, images: np.ndarray, device: torch.device, batch: int | None = None
 ) -> np.ndarray:
@@ -136,7 +128,7 @@ def predict_patches(
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch):
-            x = _normalise(_to_float(images[i : i + batch], device), meta)
+            x = normalise(to_float(images[i : i + batch], device), meta)
             out.append(torch.sigmoid(net(x).float()).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -238,10 +230,10 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         for step in range(steps_per_epoch):
             ts = time.perf_counter()
             b = idx[step * config.batch_size : (step + 1) * config.batch_size]
-            x = _to_float(train.images[b], device)
+            x = to_float(train.images[b], device)
             if config.augment:
                 x = augment(x, gen)
-            x = _normalise(x, meta)
+            x = normalise(x, meta)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.from_numpy(train.labels[b]).float().to(device)
