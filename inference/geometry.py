@@ -47,9 +47,6 @@ class Rect:
         x1, y1 = min(self.right, other.right), min(self.bottom, other.bottom)
         return Rect(x0, y0, max(0, x1 - x0), max(0, y1 - y0))
 
-    def contains_point(self, x: float, y: float) -> bool:
-        return self.x <= x < self.right and self.y <= y < self.bottom
-
 
 def best_level(downsamples: Sequence[float], downsample: float) -> int:
     """Index of the coarsest pyramid level that is at least as fine as ``downsample``."""

@@ -76,6 +76,17 @@ class Heatmap:
         return self.count > 0
 
     @property
+    def tissue_cells(self) -> np.ndarray:
+        """(rows, cols) bool over heatmap cells: covered by at least one tissue patch."""
+        k = self.grid.k
+        t = self.tissue
+        out = np.zeros(self.grid.cell_shape, bool)
+        for dr in range(k):
+            for dc in range(k):
+                out[dr : dr + t.shape[0], dc : dc + t.shape[1]] |= t
+        return out
+
+    @property
     def complete(self) -> bool:
         return bool(self.patch_done[self.tissue].all())
 

@@ -173,6 +173,7 @@ class Slide:
         if self.path.stat().st_size == 0:
             raise SlideError(f"{self.path.name} is empty (0 bytes).")
         suffix = self.path.suffix.lower()
+        self._fingerprint: str | None = None
         self._backend: _Backend
         if suffix in PLAIN_SUFFIXES:
             self._backend = backend = _PlainImageBackend(self.path)
@@ -231,7 +232,15 @@ class Slide:
         self.info = replace(self.info, mpp=float(mpp), mpp_from_file=False)
 
     def fingerprint(self) -> str:
-        """Stable id of the slide's content: size, file size and the first and last 1 MiB."""
+        """Stable id of the slide's content: size, file size and the first and last 1 MiB.
+
+        Computed once per open slide (it reads up to 2 MiB), then reused.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256()
         st = self.path.stat()
         h.update(f"{self.info.dimensions}:{st.st_size}".encode())

@@ -33,9 +33,6 @@ class TileGrid:
         self.tile = tile
         self.downsamples = display_downsamples(self.width_l0, self.height_l0, tile)
 
-    def width_height(self) -> tuple[int, int]:
-        return self.width_l0, self.height_l0
-
     @property
     def coarsest(self) -> int:
         return len(self.downsamples) - 1

@@ -145,8 +145,7 @@ class HeatmapLayer(QGraphicsItem):
         """Rebuild the image after new cells (GUI thread); repaint only ``block`` if given."""
         rgba = self.heatmap.to_rgba(self.colormap, self.threshold)
         if self.show_tissue:
-            tissue = self._tissue_cells()
-            pending = tissue & ~self.heatmap.computed
+            pending = self.heatmap.tissue_cells & ~self.heatmap.computed
             rgba[pending] = (60, 140, 255, 110)
         self._image = array_to_qimage(rgba)
         if block is None:
@@ -155,16 +154,6 @@ class HeatmapLayer(QGraphicsItem):
             r0, c0, r1, c1 = block
             s = self.heatmap.grid.stride_l0
             self.update(QRectF(c0 * s, r0 * s, (c1 - c0) * s, (r1 - r0) * s))
-
-    def _tissue_cells(self) -> np.ndarray:
-        """Tissue patches spread onto the cell grid."""
-        k = self.heatmap.grid.k
-        t = self.heatmap.tissue
-        out = np.zeros(self.heatmap.grid.cell_shape, bool)
-        for dr in range(k):
-            for dc in range(k):
-                out[dr : dr + t.shape[0], dc : dc + t.shape[1]] |= t
-        return out
 
     def paint(self, painter: QPainter, option: QStyleOptionGraphicsItem, widget: QWidget | None = None) -> None:
         if self._image.isNull():

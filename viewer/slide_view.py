@@ -303,7 +303,8 @@ class SlideView(QGraphicsView):
         """Visible tiles not yet at their final resolution (requests them)."""
         if self.tiles is None:
             return []
-        view = self.view_rect_l0().intersect(Rect(0, 0, *self.tiles.grid.width_height()))
+        grid = self.tiles.grid
+        view = self.view_rect_l0().intersect(Rect(0, 0, grid.width_l0, grid.height_l0))
         if view.is_empty:
             return []
         scale = self.scale_factor * self.devicePixelRatioF()

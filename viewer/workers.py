@@ -83,10 +83,6 @@ class TileLoader(QObject):
         with self._lock:
             return len(self._in_flight)
 
-    def is_pending(self, key: TileKey) -> bool:
-        with self._lock:
-            return key in self._in_flight
-
     def _forget(self, key: TileKey) -> None:
         with self._lock:
             self._in_flight.discard(key)
