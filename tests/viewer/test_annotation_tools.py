@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QPoint, QSettings, Qt
+from PySide6.QtCore import QPoint, Qt
 
 from inference.annotation_io import parse_geojson
 from inference.heatmap import Heatmap, HeatmapInfo
 from inference.patches import PatchGrid
 from tests.conftest import CMU_SVS
+from tests.viewer.conftest import show_window
 from viewer.main_window import MainWindow
 
 
@@ -26,12 +27,7 @@ def slide_copy(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def window(qtbot, tmp_path: Path, slide_copy: Path) -> MainWindow:
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(settings=settings, interactive=False)
-    qtbot.addWidget(w)
-    w.resize(1000, 800)
-    w.show()
-    qtbot.waitExposed(w)
+    w = show_window(qtbot, tmp_path, 1000, 800)
     assert w.open_path(slide_copy)
     return w
 

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QSettings
 
 from inference.model import load_checkpoint, shipped_model_path
 from inference.predict import BatchResult, PredictSettings
 from tests.conftest import CMU_SVS, DEMO
+from tests.viewer.conftest import show_window
 from viewer.main_window import MainWindow
 
 
@@ -20,12 +20,8 @@ def model():
 @pytest.fixture
 def window(qtbot, tmp_path: Path, model, monkeypatch) -> MainWindow:
     monkeypatch.setenv("IDC_VIEWER_CACHE", str(tmp_path / "cache"))  # no heatmaps from other tests
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(settings=settings, interactive=False, model=model, device="cpu")
+    w = show_window(qtbot, tmp_path, 1000, 700, model=model, device="cpu")
     w.inference.settings = PredictSettings(batch_size=64, first_batch=16)
-    qtbot.addWidget(w)
-    w.resize(1000, 700)
-    w.show()
     return w
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import shapely
 import torch
-from PySide6.QtCore import QSettings
+from PySide6.QtCore import QThread
 
 from inference.annotations import Annotation
 from inference.model import load_checkpoint, shipped_model_path
 from inference.predict import PredictSettings
 from tests.conftest import DEMO, need_patches
+from tests.viewer.conftest import show_window
 from training.loop import EpochReport, StepReport
 from viewer.cli import main
 from viewer.main_window import MainWindow
@@ -38,12 +39,8 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def window(qtbot, tmp_path: Path, monkeypatch) -> MainWindow:
     monkeypatch.setenv("IDC_VIEWER_CACHE", str(tmp_path / "cache"))  # no heatmaps from other tests
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(settings=settings, interactive=False, model=load_checkpoint(shipped_model_path()), device="cpu")
+    w = show_window(qtbot, tmp_path, 1300, 900, model=load_checkpoint(shipped_model_path()), device="cpu")
     w.inference.settings = PredictSettings(batch_size=128)
-    qtbot.addWidget(w)
-    w.resize(1300, 900)
-    w.show()
     return w
 
 
@@ -57,6 +54,15 @@ def configure(tab, folder: Path, epochs: int = 2) -> None:
     tab.freeze.setChecked(True)
     tab.val_fraction.setValue(0.25)
     tab.seed.setValue(7)
+
+
+def start_and_wait_for(qtbot, tab, kind: type) -> QThread:
+    """Start training, wait for its first report of ``kind`` and return the worker thread."""
+    seen: list[object] = []
+    tab.runner.report.connect(lambda r: seen.append(r) if isinstance(r, kind) else None)
+    tab.start()
+    qtbot.waitUntil(lambda: bool(seen), timeout=120_000)
+    return tab.runner.thread
 
 
 def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_folder: Path, tmp_path: Path) -> None:
@@ -109,11 +115,7 @@ def test_cancel_mid_epoch_keeps_best_so_far(qtbot, window: MainWindow, tiny_fold
     tab = window.training
     configure(tab, tiny_folder, epochs=30)
     tab.samples.setValue(256)
-    epochs: list[EpochReport] = []
-    tab.runner.report.connect(lambda r: epochs.append(r) if isinstance(r, EpochReport) else None)
-    tab.start()
-    qtbot.waitUntil(lambda: len(epochs) >= 1, timeout=120_000)
-    thread = tab.runner.thread
+    thread = start_and_wait_for(qtbot, tab, EpochReport)
     tab.cancel()
     assert thread.isFinished() and not tab.runner.running()
     assert tab.result_model is not None and tab.use_button.isEnabled()
@@ -144,10 +146,6 @@ def test_regions_of_the_open_slide_as_source(qtbot, window: MainWindow, tmp_path
 def test_close_window_mid_training(qtbot, window: MainWindow, tiny_folder: Path) -> None:
     tab = window.training
     configure(tab, tiny_folder, epochs=30)
-    steps: list[StepReport] = []
-    tab.runner.report.connect(lambda r: steps.append(r) if isinstance(r, StepReport) else None)
-    tab.start()
-    qtbot.waitUntil(lambda: len(steps) >= 1, timeout=120_000)
-    thread = tab.runner.thread
+    thread = start_and_wait_for(qtbot, tab, StepReport)
     window.close()
     assert thread.isFinished()

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from PySide6.QtCore import QPoint, QPointF, QSettings, Qt
+from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QWheelEvent
 
 from inference.slide import open_slide
 from inference.tiles import TileGrid, TileKey
 from tests.conftest import CMU_SVS, DEMO, REPO
+from tests.viewer.conftest import show_window
 from viewer.main_window import MainWindow
 from viewer.slide_view import format_length, nice_length
 from viewer.workers import TileLoader
@@ -22,13 +23,7 @@ from viewer.workers import TileLoader
 
 @pytest.fixture
 def window(qtbot, tmp_path: Path) -> MainWindow:
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(settings=settings, interactive=False)
-    qtbot.addWidget(w)
-    w.resize(1000, 700)
-    w.show()
-    qtbot.waitExposed(w)
-    return w
+    return show_window(qtbot, tmp_path, 1000, 700)
 
 
 def open_and_wait(qtbot, window: MainWindow, path: Path, **kw) -> None:
