@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
-from inference.model import (
-    Architecture,
-    load_checkpoint,
-    pick_device,
-    save_checkpoint,
-    shipped_model_path,
-)
-from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model
-from training.session import CompareReport, DataReport, FolderSource, SessionConfig, load_sources
+from inference.model import Architecture, load_checkpoint, save_checkpoint
+from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
+from training.session import CompareReport, DataReport, FolderSource, SessionConfig
 from training.session import run as run_session
 
 DEMO_PATIENT = "8975"
@@ -44,10 +36,13 @@ def run_train(args: Any) -> int:
         init=args.init,
         freeze_trunk=args.freeze_trunk,
         augment=not args.no_augment,
+        jpeg_augment=not args.no_jpeg_augment,
+        val_jpeg_quality=args.val_jpeg_quality or None,
         resume=args.resume,
         num_threads=args.threads,
     )
-    session = SessionConfig(folder_sources(args), config, args.val_fraction, args.test_fraction)
+    session = SessionConfig(folder_sources(args), config, args.val_fraction, args.test_fraction,
+                            split_from=args.split_from)
     bar = None
     done: DoneReport | None = None
     for report in run_session(session):
@@ -84,31 +79,3 @@ def _append_test_metrics(path: Path, test: dict[str, Any]) -> None:
     model = load_checkpoint(path)
     meta = replace(model.meta, metrics={**model.meta.metrics, "test": test})
     save_checkpoint(path, model.net, meta)
-
-
-def run_evaluate(args: Any) -> int:
-    model_path = args.model or shipped_model_path()
-    device = pick_device(args.device)
-    model = load_checkpoint(model_path, device)
-    t = time.perf_counter()
-    data, _ = load_sources(folder_sources(args), model.meta)
-    print(f"loaded {len(data)} patches from {len(np.unique(data.groups.astype(str)))} patients "
-          f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-    report = evaluate_model(model, data, device)
-    m = report["patch"]
-    if args.json:
-        keys = ("n", "accuracy", "balanced_accuracy", "f1", "auc")
-        out = {k: m[k] for k in keys}
-        out["patient_weighted"] = {k: report["patient_weighted"][k] for k in keys[1:]}
-        out["threshold"] = model.meta.threshold
-        out["model"] = model.model_id
-        print(json.dumps(out))
-    else:
-        pw = report["patient_weighted"]
-        print(f"model {model.model_id}, threshold {model.meta.threshold:.2f}, {m['n']} patches, "
-              f"{report['groups']} patients")
-        print(f"{'':18}{'per patch':>12}{'patient-weighted':>18}")
-        for k in ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity"):
-            print(f"{k:18}{m[k]:12.4f}{pw[k]:18.4f}")
-        print(f"confusion (per patch): TN {m['tn']:.0f}  FP {m['fp']:.0f}  FN {m['fn']:.0f}  TP {m['tp']:.0f}")
-    return 0

@@ -71,7 +71,7 @@ def find_patch_files(root: Path) -> list[tuple[Path, str, int]]:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder of patches.")
     out = []
-    for dirpath, _dirs, files in os.walk(root):
+    for dirpath, _dirs, files in os.walk(root, followlinks=True):  # splits are often folders of symlinks
         for name in files:
             m = NAME_RE.match(name)
             if m:

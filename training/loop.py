@@ -31,6 +31,7 @@ from inference.model import (
     save_checkpoint,
     to_float,
 )
+from training.augment import AcquisitionConfig, augment_batch, jpeg_batch
 from training.data import PatchSet, evaluation_weights, group_weights
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,9 @@ class TrainConfig:
     device: str = "auto"
     init: str | None = None
     freeze_trunk: bool = False
-    augment: bool = True
+    augment: bool = True  # dihedral, HED stain and colour jitter
+    jpeg_augment: bool = True  # with augment: JPEG round trips and pyramid resampling (training.augment)
+    val_jpeg_quality: int | None = 80  # validate (choose epoch and threshold) on JPEG patches, as on slides
     resume: bool = False
     mpp: float = 4.0
     num_threads: int | None = None
@@ -89,34 +92,6 @@ class DoneReport:
 
 
 Report = StepReport | EpochReport | DoneReport
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """H&E augmentation on a float batch in [0, 1], (n, 3, h, w): dihedral + stain/colour jitter."""
-    n = x.shape[0]
-    dev = x.device
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1).to(dev), x.flip(3), x)
-    k = torch.randint(0, 4, (n,), generator=gen)
-    out = x.clone()
-    for r in (1, 2, 3):
-        m = (k == r).to(dev)
-        if m.any():
-            out[m] = torch.rot90(x[m], r, (2, 3))
-    # Stain jitter in optical density space (per-sample, per-channel scale and shift).
-    od = -torch.log(out.clamp_min(1 / 255))
-    alpha = (1 + 0.12 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
-    beta = (0.04 * torch.randn(n, 3, 1, 1, generator=gen)).to(dev)
-    out = torch.exp(-(od * alpha + beta))
-    # Saturation: blend with the grey image.
-    grey = out.mean(dim=1, keepdim=True)
-    sat = (1 + 0.2 * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)).to(dev)
-    out = grey + (out - grey) * sat
-    # Brightness / contrast.
-    b = (1 + 0.08 * torch.randn(n, 1, 1, 1, generator=gen)).to(dev)
-    c = (1 + 0.08 * torch.randn(n, 1, 1, 1, generator=gen)).to(dev)
-    mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * c + mean * b).clamp(0, 1)
 
 
 def predict_patches(
@@ -164,8 +139,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    gen = torch.Generator()
 
     if config.init:
         start = load_checkpoint(config.init)
@@ -201,7 +175,6 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         start_epoch = int(state["epoch"])
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         history = json.loads(state["history"])
-        rng = np.random.default_rng(config.seed + start_epoch)
 
     # Exponential moving average of the weights (and batch-norm buffers); its decay warms up
     # as min(ema, (1 + n) / (10 + n)) so that short fine-tuning runs still move.
@@ -219,20 +192,26 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     sample_w = group_weights(train.groups, train.labels)
     sample_p = sample_w / sample_w.sum()
     val_w = evaluation_weights(val.groups)
+    val_images = jpeg_batch(val.images, config.val_jpeg_quality, config.seed) if config.val_jpeg_quality else val.images
+    acquisition = AcquisitionConfig() if config.jpeg_augment else None
     t0 = time.perf_counter()
     stopped_early = False
     for epoch in range(start_epoch, config.epochs):
         net.train()
         if config.freeze_trunk:  # keep frozen batch-norm statistics fixed too
             net.trunk.eval()
+        # Every epoch draws from its own seeds, so a resumed run continues exactly as an unbroken one.
+        rng = np.random.default_rng([config.seed, epoch])
+        gen.manual_seed(config.seed * 100_003 + epoch)
         idx = rng.choice(len(train), size=steps_per_epoch * config.batch_size, p=sample_p)
         losses = []
         for step in range(steps_per_epoch):
             ts = time.perf_counter()
             b = idx[step * config.batch_size : (step + 1) * config.batch_size]
-            x = to_float(train.images[b], device)
             if config.augment:
-                x = augment(x, gen)
+                x = augment_batch(train.images[b], gen, rng, device, acquisition)
+            else:
+                x = to_float(train.images[b], device)
             x = normalise(x, meta)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -249,7 +228,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
             losses.append(loss.item())
             yield StepReport(epoch, step, steps_per_epoch, losses[-1], len(b) / (time.perf_counter() - ts))
         eval_net = ema_net.module if ema_net is not None else net
-        p_val = predict_patches(eval_net, meta, val.images, device)
+        p_val = predict_patches(eval_net, meta, val_images, device)
         val_loss = float(
             np.average(_bce(p_val, val.labels), weights=val_w)
         )

@@ -57,6 +57,7 @@ class SessionConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.0
     compare_with: str | None = None  # the model in use, compared on the same validation data
+    split_from: str | None = None  # reuse this checkpoint's validation and test patients
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,28 @@ def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> t
     return PatchSet.concat(parts), by_source
 
 
-def split(data: PatchSet, val: float, test: float, seed: int) -> tuple[PatchSet, PatchSet, PatchSet]:
-    """Train / validation / test by group (patient, slide or region), never by patch."""
+def split_of(checkpoint: str) -> tuple[set[str], set[str]]:
+    """The validation and test patients recorded in a checkpoint, to compare two models fairly."""
+    prov = load_checkpoint(checkpoint).meta.provenance
+    val, test = prov.get("val_patients"), prov.get("test_patients")
+    if not val:
+        raise ValueError(f"{Path(checkpoint).name} does not record its validation patients.")
+    return set(map(str, val)), set(map(str, test or ()))
+
+
+def split(data: PatchSet, val: float, test: float, seed: int,
+          fixed: tuple[set[str], set[str]] | None = None) -> tuple[PatchSet, PatchSet, PatchSet]:
+    """Train / validation / test by group (patient, slide or region), never by patch.
+
+    ``fixed`` gives the validation and test groups by name (every other group trains).
+    """
+    if fixed is not None:
+        groups = data.groups.astype(str)
+        in_val, in_test = np.isin(groups, list(fixed[0])), np.isin(groups, list(fixed[1]))
+        parts = [data.subset(~in_val & ~in_test), data.subset(in_val), data.subset(in_test)]
+        if not len(parts[0]) or not len(parts[1]):
+            raise ValueError("The recorded split leaves no training or no validation patches in these data.")
+        return parts[0], parts[1], parts[2]
     n_groups = len(np.unique(data.groups.astype(str)))
     needed = 2 + (1 if test > 0 else 0)
     if n_groups < needed:
@@ -125,7 +146,8 @@ def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport
     data, by_source = load_sources(config.sources, meta, config.train.seed)
     if len(data) == 0:
         raise ValueError("No training patches were found in the chosen sources.")
-    train, val, test = split(data, config.val_fraction, config.test_fraction, config.train.seed)
+    fixed = split_of(config.split_from) if config.split_from else None
+    train, val, test = split(data, config.val_fraction, config.test_fraction, config.train.seed, fixed)
     yield DataReport(
         counts={"train": train.summary(), "val": val.summary(), "test": test.summary()},
         by_source=by_source,
@@ -139,6 +161,7 @@ def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport
         "val_patients": sorted(set(val.groups.astype(str).tolist())),
         "test_patients": sorted(set(test.groups.astype(str).tolist())),
         "init": config.train.init,
+        "split_from": config.split_from,
     }
     done: DoneReport | None = None
     for report in fit(config.train, train, val, provenance):

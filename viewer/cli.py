@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("train", "evaluate", "predict", "export")
+SUBCOMMANDS = ("train", "evaluate", "calibrate", "predict", "export")
 
 
 def _positive_float(text: str) -> float:
@@ -54,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
     t.add_argument("--test-fraction", type=float, default=0.15, help="share of patients held out")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--split-from", default=None, metavar="CKPT",
+                   help="validate and test on the patients this checkpoint recorded (fair comparison)")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--no-jpeg-augment", action="store_true",
+                   help="keep stain and geometry augmentation but train on lossless patches only")
+    t.add_argument("--val-jpeg-quality", type=int, default=80, metavar="Q",
+                   help="validate on patches after a JPEG round trip at quality Q (0: lossless)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
@@ -83,11 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only regions of this class (repeatable)")
     ex.add_argument("--mpp", type=_positive_float, default=None, help="um per level-0 pixel, for slides without it")
 
-    e = sub.add_parser("evaluate", help="print a model's metrics on patch folders")
+    e = sub.add_parser("evaluate", help="a model's metrics on patch folders, rebuilt slides, or slides with truth",
+                       description="PATCH_FOLDER: patch metrics (--jpeg-quality Q: after a JPEG round trip). "
+                       "PATCH_FOLDER --as-slides: each patient's slide rebuilt as a JPEG pyramid (quality 80 "
+                       "unless --jpeg-quality; 0 for lossless) and run through the whole-slide pipeline. "
+                       "SLIDE... [--truth FILE]...: cells against IDC / Non-IDC regions (labels.csv, QuPath "
+                       "GeoJSON or ASAP XML; by default the file beside each slide).")
     _add_data_args(e)
-    e.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    _add_eval_args(e)
+    e.add_argument("--truth", action="append", default=None, metavar="FILE",
+                   help="ground truth of each slide, in order (repeatable)")
+    e.add_argument("--as-slides", action="store_true", help="rebuild each patient's slide and evaluate it")
+    e.add_argument("--keep-slides", default=None, metavar="DIR", help="with --as-slides: keep the rebuilt slides here")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    c = sub.add_parser("calibrate", help="choose threshold and tissue context on rebuilt validation slides",
+                       description="Rebuild the model's validation patients' slides as JPEG pyramids, run the "
+                       "whole-slide pipeline, choose the context neighbourhood and thresholds that maximise the "
+                       "mean per-slide balanced accuracy, and write them into a copy of the model.")
+    _add_data_args(c)
+    _add_eval_args(c, default_patients="val")
+    c.add_argument("--out", required=True, help="calibrated checkpoint to write (.pt)")
     return p
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default_patients: str = "all") -> None:
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                   help="JPEG quality of the patches (patch folders) or of the rebuilt slides (default 80)")
+    p.add_argument("--patients", choices=["all", "val", "test"], default=default_patients,
+                   help=f"all patients, or those the model recorded for validation or test (default {default_patients})")
+    p.add_argument("--patient", action="append", default=None, metavar="ID", help="only this patient (repeatable)")
+    p.add_argument("--mpp", type=_positive_float, default=None, help="um per level-0 pixel, for slides without it")
 
 
 def build_gui_parser() -> argparse.ArgumentParser:
@@ -122,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_headless(args: argparse.Namespace) -> int:
+    from inference.annotations import AnnotationError
     from inference.model import ModelError
     from inference.slide import SlideError
     from training.data import DataError
@@ -140,10 +174,14 @@ def _run_headless(args: argparse.Namespace) -> int:
 
             return run_export(args)
         if args.command == "evaluate":
-            from training.commands import run_evaluate
+            from training.evaluation import run_evaluate
 
             return run_evaluate(args)
-    except (SlideError, ModelError, DataError, ValueError) as exc:
+        if args.command == "calibrate":
+            from training.evaluation import run_calibrate
+
+            return run_calibrate(args)
+    except (SlideError, ModelError, DataError, AnnotationError, ValueError) as exc:
         logging.getLogger("idc-viewer").debug("command failed", exc_info=True)
         print(f"idc-viewer {args.command}: error: {exc}", file=sys.stderr)
         return 2
