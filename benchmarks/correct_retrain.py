@@ -21,10 +21,10 @@ import numpy as np
 import shapely
 
 from inference.annotations import Annotation
-from inference.labels import agreement, labels_path, load_labels
 from inference.model import load_checkpoint, shipped_model_path
 from inference.predict import PredictSettings, plan, predict_slide
 from inference.slide import open_slide
+from inference.truth import agreement, cell_truth, labels_path, load_labels, truth_from_labels
 from training.loop import TrainConfig
 from training.session import RegionSource, SessionConfig, run
 from viewer.app import demo_slide_path
@@ -53,7 +53,8 @@ def main() -> int:
         anns = tuple(Annotation(shapely.box(lab.rect.x, lab.rect.y, lab.rect.right, lab.rect.bottom),
                                 "IDC" if lab.label else "Non-IDC") for lab in chosen)
         held_out = [lab for lab in labels if lab not in set(chosen)]
-        m_before = agreement(before, held_out)
+        held_cells, _ = cell_truth(before.grid, truth_from_labels(held_out))
+        m_before = agreement(before, held_cells).metrics
 
         t1 = time.perf_counter()
         config = SessionConfig(
@@ -70,7 +71,7 @@ def main() -> int:
         after = heatmap(slide, tuned)
         t_rerun = time.perf_counter() - t2
     total = time.perf_counter() - t1
-    m_after = agreement(after, held_out)
+    m_after = agreement(after, held_cells).metrics
     print(f"demo slide, {len(anns)} corrected patches ({sum(a.cls == 'IDC' for a in anns)} IDC), "
           f"{len(held_out)} labelled patches held out")
     print(f"baseline: one whole-slide heatmap {t_heatmap:.1f} s")

@@ -86,7 +86,7 @@ class Annotation:
         p = p[np.isfinite(p)]
         if not len(p):
             return None, None
-        return float(p.mean()), float((p >= heatmap.info.threshold).mean())
+        return float(p.mean()), float((p >= heatmap.threshold).mean())
 
 
 Listener = Callable[[], None]

@@ -43,7 +43,7 @@ def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = "i
             rect = heatmap.grid.patch_rect(r, c)
             w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
     os.replace(tmp, csv_path)
-    regions = regions_from_heatmap(heatmap, heatmap.info.threshold, min_area_um2, mpp)
+    regions = regions_from_heatmap(heatmap, heatmap.threshold, min_area_um2, mpp)
     geojson = out_dir / f"{stem}.idc.geojson"
     write_atomic(geojson, dumps_geojson(regions, AnnotationStore()))
     return [npz, png, csv_path, geojson]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.context import context_prob, context_radius
 from inference.patches import PatchGrid
 
 #: Colour maps as anchor colours from probability 0 to 1 (linearly interpolated).
@@ -37,17 +38,27 @@ class HeatmapInfo:
     model_id: str
     grid: PatchGrid
     min_tissue: float
-    threshold: float = 0.5  # the model's decision threshold (not part of the cache key)
+    threshold: float = 0.5  # the model's decision threshold on the per-patch map (not in the key)
+    context_sigma: float = 0.0  # neighbourhood of the context map, in cells (0: none)
+    context_threshold: float | None = None  # decision threshold on the context map (not in the key)
 
     def key(self) -> str:
         d = asdict(self)
         d.pop("threshold")
+        d.pop("context_threshold")
+        if not d["context_sigma"]:
+            d.pop("context_sigma")  # keys of heatmaps without context are unchanged
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
 
 
-
 class Heatmap:
-    """IDC probability per heatmap cell (rows, cols); NaN where nothing was computed."""
+    """IDC probability per heatmap cell (rows, cols); NaN where nothing was computed.
+
+    ``prob`` and ``threshold`` are those of the map shown: the context-aware map when the model
+    has one and ``context`` is on (the default), else the raw per-patch map (``raw_prob``). Every
+    consumer (colours, hover, regions, measurements, agreement) reads ``prob`` and so uses what
+    the pathologist sees.
+    """
 
     def __init__(self, info: HeatmapInfo, tissue: np.ndarray) -> None:
         self.info = info
@@ -58,18 +69,50 @@ class Heatmap:
         self.patch_done = np.zeros(tissue.shape, bool)
         self.patch_prob = np.full(tissue.shape, np.nan, np.float32)
         self._prob: np.ndarray | None = None
+        self._context_prob: np.ndarray | None = None
+        self._context = True
 
     @property
     def grid(self) -> PatchGrid:
         return self.info.grid
 
     @property
-    def prob(self) -> np.ndarray:
+    def has_context(self) -> bool:
+        """Whether the model defines a context-aware map for this heatmap."""
+        return self.info.context_sigma > 0
+
+    @property
+    def context(self) -> bool:
+        """True when the context-aware map is the one shown."""
+        return self._context and self.has_context
+
+    @context.setter
+    def context(self, on: bool) -> None:
+        self._context = bool(on)
+
+    @property
+    def raw_prob(self) -> np.ndarray:
         """(rows, cols) float32 mean probability of the patches covering each cell, NaN if none."""
         if self._prob is None:
             with np.errstate(invalid="ignore", divide="ignore"):
                 self._prob = np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan).astype(np.float32)
         return self._prob
+
+    @property
+    def prob(self) -> np.ndarray:
+        """(rows, cols) float32 probability of the map shown, NaN where not computed."""
+        if not self.context:
+            return self.raw_prob
+        if self._context_prob is None:
+            self._context_prob = context_prob(self.raw_prob, self.info.context_sigma)
+        return self._context_prob
+
+    @property
+    def threshold(self) -> float:
+        """The model's decision threshold for the map shown."""
+        if self.context and self.info.context_threshold is not None:
+            return self.info.context_threshold
+        return self.info.threshold
 
     @property
     def computed(self) -> np.ndarray:
@@ -93,14 +136,18 @@ class Heatmap:
     def add(self, rows: np.ndarray, cols: np.ndarray, probs: np.ndarray) -> tuple[int, int, int, int]:
         """Add patch results; returns the changed cell block (row0, col0, row1, col1), exclusive."""
         k = self.grid.k
-        self._prob = None
+        self._prob = self._context_prob = None
         self.patch_prob[rows, cols] = probs
         self.patch_done[rows, cols] = True
         for dr in range(k):
             for dc in range(k):
                 np.add.at(self.sum, (rows + dr, cols + dc), probs)
                 np.add.at(self.count, (rows + dr, cols + dc), 1)
-        return int(rows.min()), int(cols.min()), int(rows.max()) + k, int(cols.max()) + k
+        # The context map changes the neighbours too: widen the block by the kernel's reach.
+        reach = context_radius(self.info.context_sigma) if self.context else 0
+        n_rows, n_cols = self.count.shape
+        return (max(0, int(rows.min()) - reach), max(0, int(cols.min()) - reach),
+                min(n_rows, int(rows.max()) + k + reach), min(n_cols, int(cols.max()) + k + reach))
 
     def to_rgba(self, colormap: str = "inferno", threshold: float = 0.0, alpha: int = 255) -> np.ndarray:
         """RGBA uint8 (rows, cols, 4), one pixel per cell; transparent below ``threshold``."""
@@ -123,7 +170,7 @@ class Heatmap:
                 "frame": "level-0 pixels; cell (row, col) covers [col*cell_l0, (col+1)*cell_l0) in x"}
         tmp = path.with_name(path.name + ".part.npz")
         np.savez_compressed(
-            tmp, prob=self.prob, computed=self.computed, sum=self.sum, count=self.count,
+            tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
             tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,
             meta=np.array(json.dumps(meta)),
         )
@@ -135,9 +182,10 @@ class Heatmap:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             info = HeatmapInfo(meta["slide_fingerprint"], meta["model_id"], PatchGrid(**meta["grid"]),
-                               meta["min_tissue"], meta.get("threshold", 0.5))
+                               meta["min_tissue"], meta.get("threshold", 0.5),
+                               meta.get("context_sigma", 0.0), meta.get("context_threshold"))
             hm = cls(info, z["tissue"])
-            hm.sum, hm.count, hm._prob = z["sum"], z["count"], None
+            hm.sum, hm.count = z["sum"], z["count"]
             hm.patch_done, hm.patch_prob = z["patch_done"], z["patch_prob"]
         return hm
 

@@ -58,6 +58,10 @@ class ModelMeta:
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     classes: tuple[str, str] = ("Non-IDC", "IDC")
     threshold: float = 0.5
+    #: Tissue context (inference.context): Gaussian neighbourhood in cells and the threshold of
+    #: that map, both chosen on validation slides; 0 means the per-patch map only.
+    context_sigma: float = 0.0
+    context_threshold: float | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 

@@ -66,7 +66,8 @@ def heatmap_info(slide: Slide, model: LoadedModel, settings: PredictSettings) ->
     """What a heatmap of this slide by this model would be (its cache key); reads no pixels."""
     meta = model.meta
     grid = PatchGrid.build(slide.dimensions, slide.mpp, meta.mpp, meta.patch_size, settings.stride_px)
-    return HeatmapInfo(slide.fingerprint(), model.model_id, grid, settings.min_tissue, meta.threshold)
+    return HeatmapInfo(slide.fingerprint(), model.model_id, grid, settings.min_tissue, meta.threshold,
+                       meta.context_sigma, meta.context_threshold)
 
 
 def plan(slide: Slide, model: LoadedModel, settings: PredictSettings) -> Heatmap:

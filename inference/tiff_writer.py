@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import Image
 
 from inference.slide import resize_rgb
 
@@ -26,16 +27,19 @@ def write_pyramid(
     compression: str = "jpeg",
     quality: int = 90,
     description: str = "",
+    ycbcr: bool = False,
 ) -> Path:
     """Write a pyramid level by level, tile by tile, never holding a whole level in memory.
 
     ``size_l0`` is (w, h) in level-0 pixels. The file is written next to ``path`` and renamed
-    into place, so a crash never leaves a half-written slide behind.
+    into place, so a crash never leaves a half-written slide behind. ``ycbcr`` stores JPEG tiles
+    as YCbCr with 4:2:0 chroma subsampling, as scanners do (otherwise RGB, full chroma).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     w0, h0 = size_l0
     comp_args = {"level": quality} if compression == "jpeg" else None
+    colour = {"photometric": "ycbcr", "subsampling": (2, 2)} if ycbcr and compression == "jpeg" else {"photometric": "rgb"}
     with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
         for i, ds in enumerate(downsamples):
             w_lv, h_lv = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
@@ -44,11 +48,11 @@ def write_pyramid(
                 px_per_cm = 1e4 / (mpp * ds)
                 extra = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
             tif.write(
-                _tiles(tile_fn, ds, w_lv, h_lv, tile),
+                _tiles(tile_fn, ds, w_lv, h_lv, tile, to_ycbcr="subsampling" in colour),
                 shape=(h_lv, w_lv, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
-                photometric="rgb",
+                **colour,
                 compression=compression,
                 compressionargs=comp_args,
                 subfiletype=1 if i else 0,
@@ -60,13 +64,14 @@ def write_pyramid(
     return path
 
 
-def _tiles(tile_fn: TileFn, ds: float, w_lv: int, h_lv: int, tile: int) -> Iterator[np.ndarray]:
+def _tiles(tile_fn: TileFn, ds: float, w_lv: int, h_lv: int, tile: int, to_ycbcr: bool = False) -> Iterator[np.ndarray]:
+    """Tiles in TIFF order; tifffile's JPEG encoder takes YCbCr tiles as they are, so convert first."""
     for y in range(0, h_lv, tile):
         for x in range(0, w_lv, tile):
             tw, th = min(tile, w_lv - x), min(tile, h_lv - y)
             out = np.full((tile, tile, 3), 255, np.uint8)
             out[:th, :tw] = tile_fn(ds, x, y, tw, th)
-            yield out
+            yield np.asarray(Image.fromarray(out).convert("YCbCr")) if to_ycbcr else out
 
 
 def array_tile_fn(image: np.ndarray) -> TileFn:

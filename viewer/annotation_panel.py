@@ -112,7 +112,7 @@ class AnnotationPanel(QWidget):
     def set_heatmap(self, heatmap: Heatmap | None) -> None:
         self.heatmap = heatmap
         if heatmap is not None:
-            self.region_threshold.setValue(heatmap.info.threshold)
+            self.region_threshold.setValue(heatmap.threshold)
         self.regions_button.setEnabled(heatmap is not None)
         self.refresh()
 

@@ -23,11 +23,11 @@ from PySide6.QtWidgets import (
 )
 
 from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo, cache_path, colormap_lut
-from inference.labels import PatchLabel, agreement, labels_path, load_labels
 from inference.model import LoadedModel, pick_device
 from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings, heatmap_info, plan, predict_slide
 from inference.slide import Slide
+from inference.truth import Truth, TruthError, agreement, cell_truth, labels_path, load_truth
 from viewer.layers import HeatmapLayer, OutlineLayer
 from viewer.slide_view import SlideView
 from viewer.workers import JobRunner
@@ -93,7 +93,8 @@ class InferencePanel(QWidget):
         self.heatmap: Heatmap | None = None
         self.layer: HeatmapLayer | None = None
         self.truth: OutlineLayer | None = None
-        self.labels: list[PatchLabel] = []
+        self.ground_truth: Truth | None = None
+        self._cell_labels: tuple[HeatmapInfo, np.ndarray, int] | None = None
         self.runner = JobRunner(self)
         self.runner.report.connect(self._on_runner_report)
         self.runner.failed.connect(self._on_runner_failed)
@@ -126,6 +127,12 @@ class InferencePanel(QWidget):
         self.show_box.setChecked(True)
         self.show_box.toggled.connect(self._on_show_toggled)
         form.addRow(self.show_box)
+        self.context_box = QCheckBox("Tissue context (each cell weighed with its neighbours)")
+        self.context_box.setToolTip("On: the model's context-aware map, the default. Off: the raw "
+                                    "per-patch map. Hover, regions and measurements use the map shown.")
+        self.context_box.setChecked(True)
+        self.context_box.toggled.connect(self._on_context_toggled)
+        form.addRow(self.context_box)
         self.opacity = QSlider(Qt.Orientation.Horizontal)
         self.opacity.setRange(0, 100)
         self.opacity.setValue(55)
@@ -164,7 +171,8 @@ class InferencePanel(QWidget):
         self.run_button.setEnabled(has_model and self.slide is not None and not running
                                    and not (self.heatmap is not None and self.heatmap.complete))
         self.cancel_button.setEnabled(running)
-        self.truth_box.setEnabled(bool(self.labels))
+        self.truth_box.setEnabled(self.ground_truth is not None)
+        self.context_box.setEnabled(self.heatmap is not None and self.heatmap.has_context)
         if self.model is None:
             self.model_label.setText("No model loaded: the IDC heatmap is unavailable.")
         else:
@@ -180,7 +188,7 @@ class InferencePanel(QWidget):
         self.stop()
         self._remove_layers()
         self.slide, self.heatmap = slide, None
-        self.labels = []
+        self.ground_truth, self._cell_labels = None, None
         self.progress.reset()
         self.rate_label.setText("")
         self.agreement_label.setText("")
@@ -188,9 +196,9 @@ class InferencePanel(QWidget):
             lp = labels_path(slide.path)
             if lp.exists():
                 try:
-                    self.labels = load_labels(lp)
-                except (OSError, ValueError, KeyError):
-                    log.warning("ignoring unreadable labels %s", lp)
+                    self.ground_truth = load_truth(lp)
+                except TruthError as exc:
+                    log.warning("ignoring ground truth: %s", exc)
             self._load_cached()
         if self.truth_box.isChecked():
             self._on_truth_toggled(True)
@@ -300,11 +308,13 @@ class InferencePanel(QWidget):
     def _show_heatmap(self, heatmap: Heatmap) -> None:
         self._remove_heatmap()
         self.heatmap = heatmap
+        heatmap.context = self.context_box.isChecked()
         self.layer = HeatmapLayer(heatmap)
         self.view.scene().addItem(self.layer)
         self._on_style_changed()
         self.layer.setVisible(self.show_box.isChecked())
         self.heatmap_changed.emit(heatmap)
+        self._update_controls()
 
     def _remove_heatmap(self) -> None:
         if self.layer is not None:
@@ -333,25 +343,39 @@ class InferencePanel(QWidget):
             self.layer.refresh()
 
     @Slot(bool)
+    def _on_context_toggled(self, on: bool) -> None:
+        if self.heatmap is None:
+            return
+        self.heatmap.context = on
+        if self.layer is not None:
+            self.layer.refresh()
+        self._update_agreement()
+        self.heatmap_changed.emit(self.heatmap)  # regions and measurements follow the map shown
+
+    @Slot(bool)
     def _on_show_toggled(self, on: bool) -> None:
         if self.layer is not None:
             self.layer.setVisible(on)
 
     @Slot(bool)
     def _on_truth_toggled(self, on: bool) -> None:
-        if on and self.truth is None and self.labels:
-            self.truth = OutlineLayer([lab.rect for lab in self.labels if lab.label == 1], QColor(0, 200, 255))
+        if on and self.truth is None and self.ground_truth is not None:
+            self.truth = OutlineLayer(self.ground_truth.idc_outlines, QColor(0, 200, 255))
             self.view.scene().addItem(self.truth)
         if self.truth is not None:
             self.truth.setVisible(on)
 
     def _update_agreement(self) -> None:
-        if self.heatmap is None or not self.labels:
+        if self.heatmap is None or self.ground_truth is None:
             return
-        m = agreement(self.heatmap, self.labels)
-        if m is not None:
+        if self._cell_labels is None or self._cell_labels[0] != self.heatmap.info:
+            labels, ambiguous = cell_truth(self.heatmap.grid, self.ground_truth)
+            self._cell_labels = (self.heatmap.info, labels, ambiguous)
+        a = agreement(self.heatmap, self._cell_labels[1], self._cell_labels[2])
+        if a is not None and 0 < a.idc_cells < a.cells:
+            m = a.metrics
             self.agreement_label.setText(
-                f"Agreement with the ground truth ({m.n} labelled patches): AUC {m.auc:.3f}, "
+                f"Agreement with the ground truth ({a.cells} labelled cells): AUC {m.auc:.3f}, "
                 f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} at threshold {m.threshold:.2f}."
             )
 

@@ -183,11 +183,11 @@ def geometry_path(geom: BaseGeometry) -> QPainterPath:
 
 
 class OutlineLayer(QGraphicsPathItem):
-    """Outlines of regions given as level-0 rectangles (e.g. the pathologist's IDC patches)."""
+    """Outlines of level-0 regions (e.g. the pathologist's IDC patches), merged."""
 
-    def __init__(self, rects: list[Rect], colour: QColor) -> None:
+    def __init__(self, regions: list[BaseGeometry], colour: QColor) -> None:
         super().__init__()
-        union = shapely.union_all([shapely.box(r.x, r.y, r.right, r.bottom) for r in rects])
+        union = shapely.union_all(regions)
         self.setPath(geometry_path(union))
         pen = QPen(colour, 2.5)
         pen.setCosmetic(True)  # constant screen width at every zoom

@@ -1,0 +1,151 @@
+"""Ground truth for a slide and the heatmap's agreement with it, cell by cell.
+
+Truth is a set of level-0 regions labelled IDC (1) or non-IDC (0), read from the demo's
+``<stem>.labels.csv`` (one labelled patch rectangle per row), a QuPath GeoJSON or an ASAP XML
+file. A heatmap cell takes the label of the regions containing its centre; cells in no region,
+or in regions of both labels, are not compared. A labelled cell outside the tissue mask is never
+computed and is shown as no IDC, so it counts with probability 0.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
+from inference import metrics as M
+from inference.annotation_io import read_file
+from inference.annotations import AnnotationError
+from inference.geometry import Rect
+from inference.heatmap import Heatmap
+from inference.patches import PatchGrid
+
+IDC_NAMES = {"idc", "tumor", "tumour", "invasive ductal carcinoma", "positive"}
+NON_IDC_NAMES = {"non-idc", "non idc", "nonidc", "non-tumor", "non-tumour", "normal", "benign", "negative"}
+
+
+class TruthError(ValueError):
+    """A ground-truth file cannot be used; one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class PatchLabel:
+    """A labelled level-0 rectangle: 1 = IDC, 0 = non-IDC."""
+
+    rect: Rect
+    label: int
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Labelled level-0 regions of one slide."""
+
+    regions: tuple[tuple[BaseGeometry, int], ...]
+    source: str
+
+    @property
+    def idc_outlines(self) -> list[BaseGeometry]:
+        return [g for g, lab in self.regions if lab == 1]
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Cell-level metrics of a heatmap against truth."""
+
+    metrics: M.Metrics
+    cells: int  # labelled cells compared
+    idc_cells: int
+    outside_tissue: int  # labelled cells outside the tissue mask, counted as P = 0
+    ambiguous: int  # cells inside both IDC and non-IDC regions, not compared
+
+
+def labels_path(slide_path: Path) -> Path:
+    return slide_path.with_name(slide_path.stem + ".labels.csv")
+
+
+def load_labels(path: Path) -> list[PatchLabel]:
+    """Read x_l0,y_l0,w_l0,h_l0,label rows."""
+    try:
+        with open(path, newline="") as fh:
+            return [PatchLabel(Rect(int(r["x_l0"]), int(r["y_l0"]), int(r["w_l0"]), int(r["h_l0"])), int(r["label"]))
+                    for r in csv.DictReader(fh)]
+    except OSError as exc:
+        raise TruthError(f"{path.name} cannot be read.") from exc
+    except (KeyError, ValueError, TypeError, csv.Error) as exc:
+        raise TruthError(f"{path.name} is not a labels file (columns x_l0, y_l0, w_l0, h_l0, label).") from exc
+
+
+def truth_from_labels(labels: list[PatchLabel], source: str = "labels") -> Truth:
+    regions = tuple((shapely.box(lab.rect.x, lab.rect.y, lab.rect.right, lab.rect.bottom), int(lab.label == 1))
+                    for lab in labels if not lab.rect.is_empty)
+    return Truth(regions, source)
+
+
+def class_label(name: str) -> int | None:
+    """1 for an IDC class name, 0 for a non-IDC one, None for any other class."""
+    key = name.strip().lower()
+    return 1 if key in IDC_NAMES else 0 if key in NON_IDC_NAMES else None
+
+
+def load_truth(path: str | Path) -> Truth:
+    """Truth from a labels CSV, a QuPath GeoJSON or an ASAP XML file (one-sentence errors)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        truth = truth_from_labels(load_labels(path), path.name)
+    else:
+        try:
+            imported = read_file(path)
+        except AnnotationError as exc:
+            raise TruthError(str(exc)) from exc
+        regions = []
+        for a in imported.annotations:
+            lab = class_label(a.cls)
+            if lab is not None and a.geometry.area > 0:
+                regions.append((a.geometry, lab))
+        truth = Truth(tuple(regions), path.name)
+    if not truth.regions:
+        raise TruthError(f"{path.name} holds no IDC or Non-IDC regions to compare with.")
+    return truth
+
+
+def cell_truth(grid: PatchGrid, truth: Truth) -> tuple[np.ndarray, int]:
+    """(rows, cols) int8 labels of heatmap cells (-1: not labelled) and the number of ambiguous cells."""
+    shape = grid.cell_shape
+    seen = np.zeros((2, *shape), bool)
+    s = grid.stride_l0
+    for geom, lab in truth.regions:
+        minx, miny, maxx, maxy = geom.bounds
+        c0, c1 = max(0, int(np.floor(minx / s - 0.5))), min(shape[1], int(np.ceil(maxx / s - 0.5)) + 1)
+        r0, r1 = max(0, int(np.floor(miny / s - 0.5))), min(shape[0], int(np.ceil(maxy / s - 0.5)) + 1)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        rr, cc = np.mgrid[r0:r1, c0:c1]
+        inside = shapely.contains_xy(geom, ((cc + 0.5) * s).ravel(), ((rr + 0.5) * s).ravel()).reshape(rr.shape)
+        seen[lab, r0:r1, c0:c1] |= inside
+    both = seen[0] & seen[1]
+    out = np.full(shape, -1, np.int8)
+    out[seen[0]] = 0
+    out[seen[1]] = 1
+    out[both] = -1
+    return out, int(both.sum())
+
+
+def agreement(heatmap: Heatmap, labels: np.ndarray, ambiguous: int = 0) -> Agreement | None:
+    """Metrics of the map shown against cell labels, at the model's threshold for that map.
+
+    Cells still to be computed are left out, so the figure can be shown while the heatmap fills.
+    """
+    prob = heatmap.prob
+    computed = np.isfinite(prob)
+    outside = ~heatmap.tissue_cells
+    use = (labels >= 0) & (computed | outside)
+    if not use.any():
+        return None
+    y = labels[use].astype(np.int64)
+    p = np.where(computed, prob, 0.0)[use]
+    m = M.compute(y, p, threshold=heatmap.threshold)
+    return Agreement(m, int(use.sum()), int(y.sum()), int((use & outside & ~computed).sum()), ambiguous)

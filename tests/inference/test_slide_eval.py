@@ -1,0 +1,155 @@
+"""Tissue context, ground truth and slide-level evaluation on synthetic slides with known truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+
+from inference.annotation_io import dumps_asap, dumps_geojson
+from inference.annotations import Annotation
+from inference.context import context_prob
+from inference.heatmap import Heatmap, HeatmapInfo, cache_path
+from inference.patches import PatchGrid
+from inference.slide_eval import calibrate, evaluate_heatmap, summary
+from inference.truth import TruthError, cell_truth, load_truth
+from viewer.cli import main
+
+
+def make_heatmap(prob: np.ndarray, sigma: float = 0.0, threshold: float = 0.5) -> Heatmap:
+    """A complete heatmap with the given per-cell probabilities on a 50 px grid at 4 um/px."""
+    rows, cols = prob.shape
+    grid = PatchGrid.build((cols * 50, rows * 50), 4.0, 4.0, 50)
+    tissue = np.isfinite(prob)
+    hm = Heatmap(HeatmapInfo("slide", "model", grid, 0.1, threshold, sigma, threshold if sigma else None), tissue)
+    rr, cc = np.nonzero(tissue)
+    hm.add(rr, cc, prob[rr, cc].astype(np.float32))
+    return hm
+
+
+def test_context_never_moves_a_cell() -> None:
+    prob = np.full((9, 11), 0.1, np.float32)
+    prob[4, 6] = 0.99
+    prob[0, :3] = np.nan
+    ctx = context_prob(prob, 1.0)
+    assert np.array_equal(np.isnan(ctx), np.isnan(prob))
+    assert np.unravel_index(np.nanargmax(ctx), ctx.shape) == (4, 6)
+    assert 0.1 < ctx[4, 6] < 0.99 and ctx[4, 7] > ctx[4, 9] > 0.1 - 1e-6
+    assert np.array_equal(context_prob(prob, 0.0), prob, equal_nan=True)
+
+
+def test_context_ignores_cells_outside_tissue() -> None:
+    prob = np.full((5, 5), np.nan, np.float32)
+    prob[:, :2] = 0.8  # tissue strip beside background
+    ctx = context_prob(prob, 1.5)
+    assert np.allclose(ctx[:, :2], 0.8, atol=1e-5)  # background is left out, not averaged in as 0
+
+
+def test_heatmap_shows_context_by_default_and_raw_on_toggle(cache_dir: Path) -> None:
+    prob = np.full((6, 6), 0.2, np.float32)
+    prob[2, 2] = 0.9
+    hm = make_heatmap(prob, sigma=1.0, threshold=0.4)
+    assert hm.context and hm.prob[2, 2] < 0.9 and hm.threshold == 0.4
+    hm.context = False
+    assert hm.prob[2, 2] == pytest.approx(0.9)
+    raw_key = make_heatmap(prob).info.key()
+    assert raw_key != hm.info.key()  # the cache key includes the context
+    path = hm.save(cache_dir / "ctx.npz")
+    back = Heatmap.load(path)
+    assert back.info == hm.info and np.allclose(back.prob, context_prob(hm.raw_prob, 1.0), equal_nan=True)
+    assert cache_path(back.info) != cache_path(make_heatmap(prob).info)
+
+
+def test_evaluate_heatmap_gives_exact_cell_counts() -> None:
+    # 4 x 6 cells; truth: IDC on columns 0-2 of rows 0-1, non-IDC on rows 2-3; cell (0, 5) unlabelled.
+    prob = np.array([[0.9, 0.8, 0.3, 0.1, 0.2, 0.9],
+                     [0.7, 0.6, 0.9, 0.1, 0.1, 0.9],
+                     [0.6, 0.1, 0.2, 0.3, 0.1, 0.1],
+                     [0.1, 0.1, np.nan, 0.9, 0.2, 0.1]], np.float32)
+    truth_geojson = dumps_geojson([
+        Annotation(shapely.box(0, 0, 150, 100), "IDC"),
+        Annotation(shapely.box(0, 100, 300, 200), "Non-IDC"),
+    ])
+    path = Path(__file__).parent / "_truth.geojson"
+    path.write_bytes(truth_geojson)
+    try:
+        truth = load_truth(path)
+    finally:
+        path.unlink()
+    hm = make_heatmap(prob)
+    labels, ambiguous = cell_truth(hm.grid, truth)
+    assert ambiguous == 0 and (labels == 1).sum() == 6 and (labels == 0).sum() == 12
+    res = evaluate_heatmap("s", hm, truth)
+    a = res.raw
+    assert a.cells == 18 and a.idc_cells == 6 and a.outside_tissue == 1  # (3, 2) is not tissue: P = 0
+    m = a.metrics
+    # IDC cells >= 0.5: 0.9 0.8 0.7 0.6 0.9 -> TP 5, FN 1 (0.3); non-IDC >= 0.5: 0.6, 0.9 -> FP 2, TN 10.
+    assert (m.tp, m.fn, m.fp, m.tn) == (5, 1, 2, 10)
+    assert m.sensitivity == pytest.approx(5 / 6) and m.specificity == pytest.approx(10 / 12)
+    assert res.context is None and summary([res], "raw")["cells"] == 18
+
+
+def test_overlapping_truth_is_ambiguous_and_asap_reads_the_same(tmp_path: Path) -> None:
+    anns = [Annotation(shapely.box(0, 0, 100, 100), "IDC"), Annotation(shapely.box(50, 0, 200, 100), "Non-IDC")]
+    (tmp_path / "t.xml").write_bytes(dumps_asap(anns))
+    truth = load_truth(tmp_path / "t.xml")
+    grid = PatchGrid.build((200, 100), 4.0, 4.0, 50)
+    labels, ambiguous = cell_truth(grid, truth)
+    # Cells of 50 px, two rows: column 0 IDC only; column 1 in both, not compared; 2 and 3 non-IDC.
+    assert ambiguous == 2 and labels.tolist() == [[1, -1, 0, 0]] * 2
+
+
+def test_calibration_picks_context_when_neighbours_help() -> None:
+    rng = np.random.default_rng(0)
+    heatmaps, truths = [], []
+    for i in range(4):
+        y = np.zeros((20, 20), int)
+        y[4:14, 3 + i : 12 + i] = 1  # a sheet of IDC
+        noisy = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.3, y.shape), 0.01, 0.99).astype(np.float32)
+        hm = make_heatmap(noisy)
+        heatmaps.append(hm)
+        regions = tuple((shapely.box(c * 50, r * 50, c * 50 + 50, r * 50 + 50), int(y[r, c]))
+                        for r in range(20) for c in range(20))
+        from inference.truth import Truth
+
+        truths.append(Truth(regions, f"s{i}"))
+    cal = calibrate(heatmaps, truths)
+    rows = {r["sigma"]: r for r in cal.table}
+    assert cal.sigma > 0 and rows[cal.sigma]["balanced_accuracy"] > rows[0.0]["balanced_accuracy"] + 0.05
+
+
+BAD_TRUTH = {
+    "empty.csv": b"",
+    "columns.csv": b"a,b,c\n1,2,3\n",
+    "broken.geojson": b'{"type": "FeatureCollection", "features": [',
+    "tissue_only.geojson": dumps_geojson([Annotation(shapely.box(0, 0, 10, 10), "Tissue")]),
+    "hostile.xml": b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><ASAP_Annotations>&b;</ASAP_Annotations>',
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TRUTH))
+def test_bad_truth_files_get_one_sentence(name: str, tmp_path: Path, slide_mpp, capsys) -> None:
+    bad = tmp_path / name
+    bad.write_bytes(BAD_TRUTH[name])
+    with pytest.raises(TruthError):
+        load_truth(bad)
+    rc = main(["evaluate", str(slide_mpp[0]), "--truth", str(bad), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith("idc-viewer evaluate: error:")
+
+
+def test_evaluate_cli_on_a_slide_with_truth(tmp_path: Path, slide_mpp, capsys) -> None:
+    path, _ = slide_mpp  # 1500 x 1100 px at 0.5 um/px: 200 um cells are 400 px, 3 x 2 whole patches
+    truth = tmp_path / "t.geojson"
+    truth.write_bytes(dumps_geojson([Annotation(shapely.box(0, 0, 800, 400), "IDC"),
+                                     Annotation(shapely.box(0, 400, 1200, 800), "Non-IDC")]))
+    rc = main(["evaluate", str(path), "--truth", str(truth), "--json", "--device", "cpu"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    s = out["slides"][0]["per_patch"]
+    assert (s["cells"], s["idc_cells"]) == (5, 2)  # cells (0,0),(0,1) IDC; (1,0..2) non-IDC
+    assert out["mean"]["slides"] == 1

@@ -1,0 +1,74 @@
+"""Patient slides rebuilt from real patches: aligned cells, truth, and the evaluate/calibrate CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from inference.geometry import Rect
+from inference.model import load_checkpoint, shipped_model_path
+from inference.patches import PatchGrid
+from inference.slide import open_slide
+from inference.truth import cell_truth
+from tests.conftest import need_patches
+from training.rebuild import DATA_MPP, patches_by_patient, rebuild_slides
+from viewer.cli import main
+
+PATIENTS = ["10256", "12752"]  # small real patients with both classes
+
+
+def test_jpeg_rebuild_keeps_every_patch_in_its_cell(tmp_path: Path) -> None:
+    root = need_patches()
+    (rs,) = list(rebuild_slides(root, tmp_path, 80, [PATIENTS[0]]))
+    items = patches_by_patient(root, [PATIENTS[0]])[PATIENTS[0]]
+    assert rs.patches == len(items) == 28
+    grid = PatchGrid.build((10**6, 10**6), DATA_MPP, DATA_MPP, 50)
+    labels, _ = cell_truth(grid, rs.truth)
+    with open_slide(rs.path) as slide:
+        assert slide.mpp == DATA_MPP and len(slide.info.level_dimensions) == 3
+        originals = []
+        for path, x, y, label in items:
+            patch = np.asarray(Image.open(path).convert("RGB")).astype(int)
+            read = slide.read(Rect(x, y, patch.shape[1], patch.shape[0]), (patch.shape[1], patch.shape[0])).astype(int)
+            originals.append((patch, read))
+            assert np.abs(read - patch).mean() < 12  # the same pixels, through JPEG q80 with 4:2:0 chroma
+            # The patch's label lands on the cell containing its centre.
+            assert labels[(y + patch.shape[0] // 2) // 50, (x + patch.shape[1] // 2) // 50] == label
+    # Each read is far closer to its own patch than to any other patch of the slide.
+    errs = np.array([[np.abs(r[:50, :50] - p[:50, :50]).mean() for p, _ in originals] for _, r in originals])
+    assert (errs.argmin(axis=1) == np.arange(len(originals))).all()
+
+
+def test_evaluate_as_slides_and_patch_robustness_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = need_patches()
+    args = ["evaluate", str(root), "--patient", PATIENTS[0], "--patient", PATIENTS[1], "--device", "cpu", "--json"]
+    assert main([*args, "--as-slides", "--jpeg-quality", "75"]) == 0
+    slides = json.loads(capsys.readouterr().out)
+    assert [s["slide"] for s in slides["slides"]] == [f"patient {p}" for p in PATIENTS]
+    assert [s["per_patch"]["cells"] for s in slides["slides"]] == [28, 27]
+    assert slides["mean"]["slides_with_both_classes"] == 2
+    assert main(args) == 0
+    png = json.loads(capsys.readouterr().out)
+    assert main([*args, "--jpeg-quality", "75"]) == 0
+    jpeg = json.loads(capsys.readouterr().out)
+    assert png["n"] == jpeg["n"] == 55 and jpeg["jpeg_quality"] == 75
+    assert png["auc"] != jpeg["auc"]  # the round trip changed what the model saw
+
+
+def test_calibrate_writes_threshold_and_context(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = need_patches()
+    out = tmp_path / "cal.pt"
+    rc = main(["calibrate", str(root), "--patients", "all", "--patient", PATIENTS[0], "--patient", PATIENTS[1],
+               "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    model = load_checkpoint(out)
+    cal = model.meta.metrics["calibration"]
+    assert [r["sigma"] for r in cal["table"]][0] == 0.0 and cal["patients"] == [f"patient {p}" for p in PATIENTS]
+    best = max(cal["table"], key=lambda r: r["balanced_accuracy"])
+    assert model.meta.context_sigma == best["sigma"]
+    shipped = load_checkpoint(shipped_model_path())
+    assert all(np.array_equal(a, b) for a, b in zip(model.net.state_dict().values(), shipped.net.state_dict().values(), strict=True))

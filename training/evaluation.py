@@ -1,0 +1,215 @@
+"""Headless `evaluate` and `calibrate` commands (argument parsing lives in viewer.cli).
+
+`evaluate` measures a model three ways: on patch folders (optionally after a JPEG round trip),
+on each patient's slide rebuilt from its patches as a JPEG pyramid (`--as-slides`), and on a
+lab's own slides with IDC / Non-IDC ground truth (`SLIDE... --truth FILE`). `calibrate` chooses
+the decision threshold and the tissue-context neighbourhood on rebuilt validation slides and
+writes them into a copy of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from inference.heatmap import Heatmap
+from inference.model import (
+    LoadedModel,
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+    shipped_model_path,
+)
+from inference.slide import SlideError, open_slide
+from inference.slide_eval import (
+    METRIC_KEYS,
+    SlideResult,
+    calibrate,
+    compute_heatmap,
+    evaluate_heatmap,
+    summary,
+)
+from inference.truth import Truth, TruthError, labels_path, load_truth
+from training.augment import jpeg_batch
+from training.loop import evaluate_model
+from training.rebuild import rebuild_slides
+from training.session import FolderSource, load_sources
+
+
+def _patients(args: Any, model: LoadedModel) -> list[str] | None:
+    """Patients chosen by --patient or by --patients val|test (the model's recorded split)."""
+    chosen = list(args.patient or [])
+    if args.patients in ("val", "test"):
+        recorded = model.meta.provenance.get(f"{args.patients}_patients")
+        if not recorded:
+            raise ValueError(f"The model does not record its {args.patients} patients; use --patient ID.")
+        chosen += [str(p) for p in recorded]
+    return chosen or None
+
+
+def _truth_beside(slide_path: Path) -> Path:
+    for cand in (labels_path(slide_path), slide_path.with_name(slide_path.name + ".annotations.geojson"),
+                 slide_path.with_suffix(".geojson"), slide_path.with_suffix(".xml")):
+        if cand.exists():
+            return cand
+    raise TruthError(f"{slide_path.name} has no ground truth beside it; pass --truth FILE.")
+
+
+def _slides_with_truth(args: Any) -> Iterator[tuple[str, Path, Truth]]:
+    """Every slide with its truth, all truth files read before any slide is computed."""
+    slides = [Path(s) for s in args.data]
+    truths = [Path(t) for t in (args.truth or [])]
+    if truths and len(truths) != len(slides):
+        raise ValueError(f"Give one --truth file per slide ({len(slides)} slides, {len(truths)} truth files).")
+    items = [(p.name, p, load_truth(truths[i] if truths else _truth_beside(p))) for i, p in enumerate(slides)]
+    return iter(items)
+
+
+def _rebuilt(args: Any, model: LoadedModel, out_dir: Path) -> Iterator[tuple[str, Path, Truth]]:
+    quality = args.jpeg_quality if args.jpeg_quality is not None else 80
+    patients = _patients(args, model)
+    for root in args.data:
+        for rs in rebuild_slides(root, out_dir, quality or None, patients, args.exclude_patient):
+            yield f"patient {rs.patient}", rs.path, rs.truth
+
+
+def _run_slides(items: Iterator[tuple[str, Path, Truth]], model: LoadedModel, args: Any,
+                keep: bool = False) -> tuple[list[SlideResult], list[Heatmap], list[Truth]]:
+    device = pick_device(args.device)
+    results, heatmaps, truths = [], [], []
+    bar = tqdm(desc="slides", unit="slide", file=sys.stderr, disable=getattr(args, "json", False))
+    for name, path, truth in items:
+        t = time.perf_counter()
+        try:
+            with open_slide(path, mpp=args.mpp) as slide:
+                heatmap = compute_heatmap(slide, model, device)
+        except SlideError as exc:
+            print(f"idc-viewer {args.command}: skipped {name}: {exc}", file=sys.stderr)
+            continue
+        finally:
+            bar.update(1)
+        results.append(evaluate_heatmap(name, heatmap, truth, time.perf_counter() - t))
+        if keep:
+            heatmaps.append(heatmap)
+            truths.append(truth)
+    bar.close()
+    if not results:
+        raise ValueError("No slide could be evaluated.")
+    return results, heatmaps, truths
+
+
+def _fmt(v: float | None) -> str:
+    return "   -  " if v is None or not np.isfinite(v) else f"{v:6.3f}"
+
+
+def _print_slides(results: list[SlideResult], model: LoadedModel) -> None:
+    has_ctx = any(r.context is not None for r in results)
+    print(f"model {model.model_id}; cells compared per slide at the model's threshold "
+          f"({'context map' if has_ctx else 'per-patch map'}{', per-patch map in brackets' if has_ctx else ''})")
+    print(f"{'slide':28}{'cells':>7}{'IDC':>7}{'AUC':>8}{'bal.acc':>9}{'F1':>8}{'sens':>8}{'spec':>8}")
+    for r in results:
+        a = r.shown
+        if a is None:
+            print(f"{r.name:28}{0:7d}")
+            continue
+        m = a.metrics
+        extra = f"   ({_fmt(r.raw.metrics.auc)} {_fmt(r.raw.metrics.balanced_accuracy)})" if has_ctx and r.raw else ""
+        print(f"{r.name[:27]:28}{a.cells:7d}{a.idc_cells:7d}  {_fmt(m.auc)}   {_fmt(m.balanced_accuracy)}  "
+              f"{_fmt(m.f1)}  {_fmt(m.sensitivity)}  {_fmt(m.specificity)}{extra}")
+    for label, which in (("mean", "shown"), *((("mean, per-patch map", "raw"),) if has_ctx else ())):
+        s = summary(results, which)
+        print(f"{label} over {s['slides_with_both_classes']} slides with both classes "
+              f"(F1 over {s['slides_for_f1']} with >= 10% IDC): "
+              + ", ".join(f"{k} {_fmt(s[k]).strip()}" for k in METRIC_KEYS))
+
+
+def _slide_report(results: list[SlideResult], model: LoadedModel) -> dict[str, Any]:
+    return {"model": model.model_id, "threshold": model.meta.threshold,
+            "context_sigma": model.meta.context_sigma, "context_threshold": model.meta.context_threshold,
+            "slides": [r.as_dict() for r in results],
+            "mean": summary(results, "shown"), "mean_per_patch_map": summary(results, "raw")}
+
+
+def run_evaluate(args: Any) -> int:
+    model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
+    paths = [Path(p) for p in args.data]
+    folders = [p for p in paths if p.is_dir()]
+    if folders and len(folders) != len(paths):
+        raise ValueError("Give either patch folders or slide files, not both.")
+    if not folders or args.as_slides:
+        with tempfile.TemporaryDirectory(prefix="idc-eval-") as tmp:
+            items = _rebuilt(args, model, Path(args.keep_slides or tmp)) if folders else _slides_with_truth(args)
+            results, _, _ = _run_slides(items, model, args)
+        if args.json:
+            print(json.dumps(_slide_report(results, model)))
+        else:
+            _print_slides(results, model)
+        return 0
+    return _evaluate_patches(args, model)
+
+
+def _evaluate_patches(args: Any, model: LoadedModel) -> int:
+    t = time.perf_counter()
+    patients = _patients(args, model)
+    sources = tuple(FolderSource(str(d), tuple(args.exclude_patient), args.limit_per_patient) for d in args.data)
+    data, _ = load_sources(sources, model.meta)
+    if patients is not None:
+        data = data.subset(np.isin(data.groups.astype(str), patients))
+    if not len(data):
+        raise ValueError("No patches of the chosen patients were found.")
+    if args.jpeg_quality:
+        data = replace(data, images=jpeg_batch(data.images, args.jpeg_quality))
+    print(f"loaded {len(data)} patches from {len(np.unique(data.groups.astype(str)))} patients "
+          f"in {time.perf_counter() - t:.1f} s{f', JPEG quality {args.jpeg_quality}' if args.jpeg_quality else ''}",
+          file=sys.stderr)
+    report = evaluate_model(model, data, pick_device(args.device))
+    m = report["patch"]
+    if args.json:
+        keys = ("n", "accuracy", "balanced_accuracy", "f1", "auc")
+        out = {k: m[k] for k in keys}
+        out["patient_weighted"] = {k: report["patient_weighted"][k] for k in keys[1:]}
+        out["threshold"] = model.meta.threshold
+        out["jpeg_quality"] = args.jpeg_quality
+        out["model"] = model.model_id
+        print(json.dumps(out))
+    else:
+        pw = report["patient_weighted"]
+        print(f"model {model.model_id}, threshold {model.meta.threshold:.2f}, {m['n']} patches, "
+              f"{report['groups']} patients")
+        print(f"{'':18}{'per patch':>12}{'patient-weighted':>18}")
+        for k in ("accuracy", "balanced_accuracy", "f1", "auc", "sensitivity", "specificity"):
+            print(f"{k:18}{m[k]:12.4f}{pw[k]:18.4f}")
+        print(f"confusion (per patch): TN {m['tn']:.0f}  FP {m['fp']:.0f}  FN {m['fn']:.0f}  TP {m['tp']:.0f}")
+    return 0
+
+
+def run_calibrate(args: Any) -> int:
+    """Choose threshold and context on rebuilt validation slides; write a calibrated copy."""
+    model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
+    raw = replace(model, meta=replace(model.meta, context_sigma=0.0, context_threshold=None))
+    with tempfile.TemporaryDirectory(prefix="idc-calibrate-") as tmp:
+        results, heatmaps, truths = _run_slides(_rebuilt(args, model, Path(tmp)), raw, args, keep=True)
+    cal = calibrate(heatmaps, truths)
+    print(f"{'sigma':>6}{'threshold':>11}{'bal.acc':>9}{'AUC':>8}   (mean over {cal.table[0]['slides']} validation slides)",
+          file=sys.stderr)
+    for row in cal.table:
+        print(f"{row['sigma']:6.2f}{row['threshold']:11.2f}{row['balanced_accuracy']:9.4f}{row['auc']:8.4f}",
+              file=sys.stderr)
+    meta = replace(model.meta, threshold=cal.threshold,
+                   context_sigma=cal.sigma, context_threshold=cal.context_threshold if cal.sigma else None,
+                   metrics={**model.meta.metrics, "calibration": {
+                       "jpeg_quality": args.jpeg_quality if args.jpeg_quality is not None else 80,
+                       "patients": sorted(r.name for r in results), "table": cal.table}})
+    save_checkpoint(args.out, model.net, meta)
+    print(f"wrote {args.out}: threshold {cal.threshold:.2f}, context sigma {cal.sigma:g} cells"
+          + (f", context threshold {cal.context_threshold:.2f}" if cal.sigma else ""), file=sys.stderr)
+    return 0
