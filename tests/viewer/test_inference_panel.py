@@ -99,3 +99,31 @@ def test_ground_truth_outline_and_agreement(qtbot, window: MainWindow) -> None:
     assert "AUC" in text
     auc = float(text.split("AUC ")[1].split(",")[0])
     assert auc > 0.8
+
+
+def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWindow, model) -> None:
+    from dataclasses import replace
+
+    ctx_model = replace(model, meta=replace(model.meta, context_sigma=1.0, context_threshold=0.6))
+    window.inference.set_model(ctx_model)
+    assert window.open_path(CMU_SVS)
+    with qtbot.waitSignal(window.inference.heatmap_finished, timeout=60_000):
+        window.inference.start()
+    panel = window.inference
+    hm = panel.heatmap
+    assert panel.context_box.isEnabled() and panel.context_box.isChecked() and hm.context
+    assert hm.threshold == 0.6 and window.annotation_panel.region_threshold.value() == pytest.approx(0.6)
+    raw, shown = hm.raw_prob, hm.prob
+    assert np.array_equal(np.isnan(raw), np.isnan(shown)) and not np.allclose(raw, shown, equal_nan=True)
+    cell = tuple(np.argwhere(np.isfinite(shown))[0])
+    rect = hm.grid.cell_rect(*cell)
+    window._on_view_cursor_moved(rect.x + rect.w / 2, rect.y + rect.h / 2)
+    assert window.pos_label.text().startswith(f"P(IDC) {shown[cell]:.2f}")  # hover reads the map shown
+    panel.context_box.setChecked(False)
+    assert not hm.context and hm.threshold == model.meta.threshold
+    assert window.annotation_panel.region_threshold.value() == pytest.approx(model.meta.threshold)
+    window._on_view_cursor_moved(rect.x + rect.w / 2, rect.y + rect.h / 2)
+    assert window.pos_label.text().startswith(f"P(IDC) {raw[cell]:.2f}")
+    # A model without context has nothing to toggle.
+    window.inference.set_model(model)
+    assert not panel.context_box.isEnabled()
