@@ -36,7 +36,24 @@ def load_model(path: str | None):  # noqa: ANN201
         return None, str(exc)
 
 
+def _has_display() -> bool:
+    import os
+
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("QT_QPA_PLATFORM"))
+
+
 def run_gui(args: argparse.Namespace) -> int:
+    import os
+
+    if not _has_display():
+        if args.screenshot is None:
+            print("idc-viewer: error: no display is available; run the headless commands "
+                  "(idc-viewer predict/evaluate/export) or pass --screenshot PNG to render off-screen.",
+                  file=sys.stderr)
+            return 2
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"  # a screenshot needs no screen
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 

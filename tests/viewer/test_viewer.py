@@ -178,6 +178,19 @@ def test_screenshot_cli_and_bad_slide(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_screenshot_without_any_display_renders_off_screen(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+    out = tmp_path / "headless.png"
+    r = subprocess.run([sys.executable, "-m", "viewer.cli", str(CMU_SVS), "--screenshot", str(out), "--size", "800x600"],
+                       capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr
+    assert tissue_fraction(np.asarray(Image.open(out).convert("RGB"))) > 0.1
+    r = subprocess.run([sys.executable, "-m", "viewer.cli", str(CMU_SVS)], capture_output=True, text=True,
+                       timeout=60, cwd=REPO, env=env)
+    assert r.returncode == 2 and r.stderr.strip().startswith("idc-viewer: error: no display")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.xvfb
 def test_real_x11_window_shows_tissue(tmp_path: Path) -> None:
     """A real X11 window under Xvfb (not the offscreen platform)."""
