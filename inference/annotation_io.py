@@ -15,6 +15,7 @@ import shapely
 from shapely.geometry import mapping, shape
 
 from inference.annotations import Annotation, AnnotationClass, AnnotationError, AnnotationStore
+from inference.atomic import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +27,6 @@ class ImportResult:
     annotations: list[Annotation]
     classes: list[AnnotationClass]
     skipped: list[str]  # one line per skipped feature, for the user
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a crash leaves either the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # -- GeoJSON (QuPath) ----------------------------------------------------------------------
@@ -236,7 +222,7 @@ def autosave_path(slide_path: Path, fingerprint: str) -> Path:
 
 
 def save_store(path: Path, store: AnnotationStore) -> None:
-    write_atomic(path, dumps_geojson(store.items, store))
+    write_bytes(path, dumps_geojson(store.items, store))
 
 
 def load_into(store: AnnotationStore, result: ImportResult, replace_all: bool = False) -> None:

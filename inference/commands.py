@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from inference.annotation_io import dumps_geojson, read_file, write_atomic
+from inference.annotation_io import dumps_geojson, read_file
 from inference.annotations import AnnotationError, AnnotationStore, regions_from_heatmap
+from inference.atomic import atomic_path, write_bytes
 from inference.export import export_regions
 from inference.heatmap import Heatmap, cache_path
 from inference.model import load_checkpoint, pick_device, shipped_model_path
@@ -30,22 +30,19 @@ def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = "i
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = heatmap.save(out_dir / f"{stem}.heatmap.npz")
     png = out_dir / f"{stem}.heatmap.png"
-    tmp = png.with_name(png.name + ".part.png")
-    Image.fromarray(heatmap.to_rgba(colormap)).save(tmp)
-    os.replace(tmp, png)
+    with atomic_path(png) as tmp:
+        Image.fromarray(heatmap.to_rgba(colormap)).save(tmp)
     csv_path = out_dir / f"{stem}.patches.csv"
-    tmp = csv_path.with_name(csv_path.name + ".part")
     rows, cols = np.nonzero(heatmap.patch_done)
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["row", "col", "x_l0", "y_l0", "w_l0", "h_l0", "prob_idc"])
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             rect = heatmap.grid.patch_rect(r, c)
             w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
-    os.replace(tmp, csv_path)
     regions = regions_from_heatmap(heatmap, heatmap.threshold, min_area_um2, mpp)
     geojson = out_dir / f"{stem}.idc.geojson"
-    write_atomic(geojson, dumps_geojson(regions, AnnotationStore()))
+    write_bytes(geojson, dumps_geojson(regions, AnnotationStore()))
     return [npz, png, csv_path, geojson]
 
 

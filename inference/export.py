@@ -16,8 +16,8 @@ import numpy as np
 import tifffile
 from PIL import Image, ImageDraw
 
-from inference.annotation_io import write_atomic
 from inference.annotations import Annotation, AnnotationStore
+from inference.atomic import write_bytes
 from inference.geometry import Rect
 from inference.heatmap import Heatmap, colormap_lut
 from inference.slide import Slide, SlideError
@@ -77,7 +77,7 @@ def report(annotations: Sequence[Annotation], slide: Slide, heatmap: Heatmap | N
 def write_report(rep: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.report.json"
-    write_atomic(json_path, json.dumps(rep, indent=1).encode())
+    write_bytes(json_path, json.dumps(rep, indent=1).encode())
     buf = io.StringIO()
     w = csv.writer(buf)
     cols = ["id", "name", "cls", "source", "geometry", "area_um2", "mean_prob_idc", "idc_fraction"]
@@ -88,7 +88,7 @@ def write_report(rep: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     w.writerow([])
     w.writerow(["total IDC area um2", "" if t["idc_area_um2"] is None else f"{t['idc_area_um2']:.6g}"])
     csv_path = out_dir / f"{stem}.report.csv"
-    write_atomic(csv_path, buf.getvalue().encode())
+    write_bytes(csv_path, buf.getvalue().encode())
     return [json_path, csv_path]
 
 
@@ -192,11 +192,11 @@ def save_image(path: Path, arr: np.ndarray) -> Path:
         path = path.with_suffix(".tif")
         buf = io.BytesIO()
         tifffile.imwrite(buf, arr, tile=(256, 256), compression="zlib")
-        write_atomic(path, buf.getvalue())
+        write_bytes(path, buf.getvalue())
         return path
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    write_atomic(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.atomic import atomic_path
 from inference.context import context_prob, context_radius
 from inference.patches import PatchGrid
 
@@ -164,17 +165,15 @@ class Heatmap:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write an .npz atomically (geometry in level-0 px, no pickled objects)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         g = self.grid
         meta = {**asdict(self.info), "cell_l0": g.stride_l0, "patch_l0": g.patch_l0,
                 "frame": "level-0 pixels; cell (row, col) covers [col*cell_l0, (col+1)*cell_l0) in x"}
-        tmp = path.with_name(path.name + ".part.npz")
-        np.savez_compressed(
-            tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
-            tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,
-            meta=np.array(json.dumps(meta)),
-        )
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez_compressed(
+                tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
+                tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,
+                meta=np.array(json.dumps(meta)),
+            )
         return path
 
     @classmethod

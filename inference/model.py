@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from inference.atomic import write_bytes
+
 FORMAT = "idc-viewer-checkpoint/1"
 
 
@@ -182,13 +184,7 @@ def save_checkpoint(path: str | os.PathLike[str], net: nn.Module, meta: ModelMet
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "meta": meta.to_json(), "state_dict": state}, buf)
     data = buf.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from inference.atomic import atomic_path
 from inference.slide import resize_rgb
 
 #: tile_fn(downsample, x_lv, y_lv, w_lv, h_lv) -> RGB uint8 (h_lv, w_lv, 3) of that level.
@@ -36,11 +37,10 @@ def write_pyramid(
     as YCbCr with 4:2:0 chroma subsampling, as scanners do (otherwise RGB, full chroma).
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".part")
     w0, h0 = size_l0
     comp_args = {"level": quality} if compression == "jpeg" else None
     colour = {"photometric": "ycbcr", "subsampling": (2, 2)} if ycbcr and compression == "jpeg" else {"photometric": "rgb"}
-    with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
         for i, ds in enumerate(downsamples):
             w_lv, h_lv = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
             extra = {}
@@ -60,7 +60,6 @@ def write_pyramid(
                 metadata=None,
                 **extra,
             )
-    os.replace(tmp, path)
     return path
 
 

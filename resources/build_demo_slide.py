@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from inference.atomic import atomic_path
 from inference.tiff_writer import write_pyramid_from_array
 
 PATIENT = "8975"
@@ -48,12 +49,10 @@ def build(patch_root: Path) -> None:
         out_rows.append((x, y, pw, ph, label))
     write_pyramid_from_array(SLIDE, canvas, MPP, downsamples=(1, 4, 16), quality=90,
                              description=f"IDC demo slide, patient {PATIENT}, rebuilt from 50x50 patches")
-    tmp = LABELS.with_suffix(".csv.part")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(LABELS) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["x_l0", "y_l0", "w_l0", "h_l0", "label"])
         w.writerows(sorted(out_rows, key=lambda r: (r[1], r[0])))
-    tmp.replace(LABELS)
     print(f"wrote {SLIDE.name} ({width} x {height} px at {MPP} um/px) and {len(out_rows)} labels")
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from inference.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 PATCH = 50
@@ -145,10 +147,8 @@ def load_folder(
     labels = np.array([files[i][2] for i in keep], np.int64)
     groups = np.array([files[i][1] for i in keep], dtype=object)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.stem + ".part.npz")
-        np.savez(tmp, images=images, labels=labels, groups=groups.astype(str))
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            np.savez(tmp, images=images, labels=labels, groups=groups.astype(str))
     except OSError:
         log.warning("could not write patch cache %s", cache)
     return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from inference import metrics as M
+from inference.atomic import atomic_path
 from inference.model import (
     Architecture,
     LoadedModel,
@@ -253,9 +253,8 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
             "history": json.dumps(history),
             **({"ema": ema_net.state_dict()} if ema_net is not None else {}),
         }
-        tmp = resume_path.with_name(resume_path.name + ".part")
-        torch.save(state, tmp)
-        os.replace(tmp, resume_path)
+        with atomic_path(resume_path) as tmp:
+            torch.save(state, tmp)
         elapsed = time.perf_counter() - t0
         done = epoch + 1 - start_epoch
         eta = elapsed / done * (config.epochs - epoch - 1)

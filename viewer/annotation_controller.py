@@ -17,9 +17,9 @@ from inference.annotation_io import (
     load_into,
     read_file,
     save_store,
-    write_atomic,
 )
 from inference.annotations import Annotation, AnnotationError, AnnotationStore
+from inference.atomic import write_bytes
 from inference.export import export_regions, report, write_report
 from inference.heatmap import Heatmap
 from inference.slide import Slide, SlideError
@@ -209,7 +209,7 @@ class AnnotationController(QObject):
         path = path or self._ask_path("Export GeoJSON", ".geojson", "GeoJSON (*.geojson *.json)")
         if path is None or self.store is None:
             return None
-        write_atomic(path, dumps_geojson(self._chosen(), self.store, self._measurements()))
+        write_bytes(path, dumps_geojson(self._chosen(), self.store, self._measurements()))
         self.message.emit(f"Wrote {path}.")
         return path
 
@@ -217,7 +217,7 @@ class AnnotationController(QObject):
         path = path or self._ask_path("Export ASAP XML", ".xml", "ASAP XML (*.xml)")
         if path is None or self.store is None:
             return None
-        write_atomic(path, dumps_asap(self._chosen(), self.store))
+        write_bytes(path, dumps_asap(self._chosen(), self.store))
         self.message.emit(f"Wrote {path}.")
         return path
 

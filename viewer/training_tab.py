@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from PySide6.QtWidgets import (
 )
 
 from inference.annotations import AnnotationStore
+from inference.atomic import write_bytes
 from inference.model import LoadedModel, ModelError, load_checkpoint, shipped_model_path
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
 from training.regions import DEFAULT_LABELS
@@ -419,9 +419,7 @@ class TrainingTab(QWidget):
     def save_checkpoint(self, path: Path) -> Path:
         """Copy the new checkpoint (with its provenance) atomically."""
         assert self.result_path is not None
-        tmp = path.with_name(path.name + ".part")
-        shutil.copyfile(self.result_path, tmp)
-        tmp.replace(path)
+        write_bytes(path, self.result_path.read_bytes())
         self.status.setText(f"Saved {path}.")
         return path
 
