@@ -14,10 +14,11 @@ import numpy as np
 import shapely
 from shapely.geometry.base import BaseGeometry
 
+from inference.errors import UserError
 from inference.heatmap import Heatmap
 
 
-class AnnotationError(Exception):
+class AnnotationError(UserError):
     """Annotations could not be read or written; one sentence for the user."""
 
 

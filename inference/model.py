@@ -20,11 +20,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from inference.atomic import write_bytes
+from inference.errors import UserError
 
 FORMAT = "idc-viewer-checkpoint/1"
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model file could not be used; the message is one sentence for the user."""
 
 

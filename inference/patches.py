@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from inference.errors import UserError
 from inference.geometry import Rect, grid_shape, strided_cell_rect
 
 
-class GridError(ValueError):
+class GridError(UserError, ValueError):
     """The requested grid cannot be built; one sentence for the user."""
 
 

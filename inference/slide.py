@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from inference.errors import UserError
 from inference.geometry import Rect, best_level, to_level
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ MAX_PLAIN_PIXELS = 400_000_000
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 
-class SlideError(Exception):
+class SlideError(UserError):
     """A slide could not be opened or read; the message is one sentence for the user."""
 
 

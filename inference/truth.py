@@ -20,6 +20,7 @@ from shapely.geometry.base import BaseGeometry
 from inference import metrics as M
 from inference.annotation_io import read_file
 from inference.annotations import AnnotationError
+from inference.errors import UserError
 from inference.geometry import Rect
 from inference.heatmap import Heatmap
 from inference.patches import PatchGrid
@@ -28,7 +29,7 @@ IDC_NAMES = {"idc", "tumor", "tumour", "invasive ductal carcinoma", "positive"}
 NON_IDC_NAMES = {"non-idc", "non idc", "nonidc", "non-tumor", "non-tumour", "normal", "benign", "negative"}
 
 
-class TruthError(ValueError):
+class TruthError(UserError, ValueError):
     """A ground-truth file cannot be used; one sentence for the user."""
 
 

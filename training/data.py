@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from inference.atomic import atomic_path
+from inference.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ PATCH = 50
 NAME_RE = re.compile(r"^(?P<patient>[^_/]+)_.*_class(?P<label>[01])\.png$", re.IGNORECASE)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Training data could not be used; one sentence for the user."""
 
 

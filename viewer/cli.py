@@ -155,10 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_headless(args: argparse.Namespace) -> int:
-    from inference.annotations import AnnotationError
-    from inference.model import ModelError
-    from inference.slide import SlideError
-    from training.data import DataError
+    from inference.errors import UserError
 
     try:
         if args.command == "train":
@@ -181,7 +178,7 @@ def _run_headless(args: argparse.Namespace) -> int:
             from training.evaluation import run_calibrate
 
             return run_calibrate(args)
-    except (SlideError, ModelError, DataError, AnnotationError, ValueError) as exc:
+    except (UserError, ValueError) as exc:
         logging.getLogger("idc-viewer").debug("command failed", exc_info=True)
         print(f"idc-viewer {args.command}: error: {exc}", file=sys.stderr)
         return 2
