@@ -10,6 +10,9 @@ import hashlib
 import logging
 import math
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -176,6 +179,9 @@ class Slide:
         suffix = self.path.suffix.lower()
         self._fingerprint: str | None = None
         self._backend: _Backend
+        self._reads = threading.Condition()
+        self._active_reads = 0
+        self._closed = False
         if suffix in PLAIN_SUFFIXES:
             self._backend = backend = _PlainImageBackend(self.path)
             level_dims = tuple((lv.shape[1], lv.shape[0]) for lv in backend.levels)
@@ -271,7 +277,8 @@ class Slide:
         x_lv, y_lv, w_lv, h_lv = to_level(Rect.from_corners(math.floor(x0), math.floor(y0),
                                                            math.ceil(x1), math.ceil(y1)), ds)
         # Read the covering level region, then crop the exact sub-pixel window while resizing.
-        rgba = self._backend.read_level(round(x_lv * ds), round(y_lv * ds), level, w_lv, h_lv)
+        with self._reading():
+            rgba = self._backend.read_level(round(x_lv * ds), round(y_lv * ds), level, w_lv, h_lv)
         rgb = composite_rgba(rgba, self.info.background)
         fx0, fy0 = x0 / ds - x_lv, y0 / ds - y_lv
         fx1, fy1 = x1 / ds - x_lv, y1 / ds - y_lv
@@ -298,7 +305,22 @@ class Slide:
         """An associated image (label, macro, thumbnail) as RGB uint8."""
         if name not in self.info.associated:
             raise KeyError(name)
-        return self._backend.associated_image(name)
+        with self._reading():
+            return self._backend.associated_image(name)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Count a read in flight; a closed slide refuses new reads with one sentence."""
+        with self._reads:
+            if self._closed:
+                raise SlideError(f"{self.path.name} was closed.")
+            self._active_reads += 1
+        try:
+            yield
+        finally:
+            with self._reads:
+                self._active_reads -= 1
+                self._reads.notify_all()
 
     def _validate(self) -> None:
         last = len(self.info.level_dimensions) - 1
@@ -314,6 +336,13 @@ class Slide:
             raise SlideError(f"{self.path.name} is damaged: its pixels cannot be read.") from exc
 
     def close(self) -> None:
+        """Close the file once the reads in flight (from any thread) are done; later reads fail."""
+        with self._reads:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active_reads:
+                self._reads.wait()
         self._backend.close()
 
     def __enter__(self) -> Slide:

@@ -259,8 +259,12 @@ class InferencePanel(QWidget):
             self._update_controls()
 
     def stop(self) -> None:
-        """Stop a running job and wait for its thread (within one batch)."""
+        """Stop the running job at once; its late reports are dropped (it winds down within one batch)."""
         self.runner.stop()
+
+    def shutdown(self) -> None:
+        """Stop and wait for every thread of this panel (closing the window)."""
+        self.runner.shutdown()
 
     def toggle_visible(self) -> None:
         """H: show/hide; the first time on a slide, start computing."""

@@ -411,8 +411,8 @@ class MainWindow(QMainWindow):
             QMessageBox.critical(self, title, message)
 
     def closeEvent(self, event: QCloseEvent) -> None:
-        self.training.stop()
-        self.inference.stop()
+        self.training.shutdown()  # the only place that waits for background threads
+        self.inference.shutdown()
         self.annotations.set_slide(None)
         self.view.clear_slide()
         if self.slide is not None:

@@ -345,6 +345,10 @@ class TrainingTab(QWidget):
     def stop(self) -> None:
         self.runner.stop()
 
+    def shutdown(self) -> None:
+        """Stop and wait for every thread of this panel (closing the window)."""
+        self.runner.shutdown()
+
     def _reset_curves(self) -> None:
         self._step_x, self._step_loss, self._epochs = [], [], []
         for curve in (self.step_curve, self.train_curve, self.val_curve, self.bacc_curve, self.auc_curve):

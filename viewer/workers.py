@@ -105,17 +105,18 @@ class TileLoader(QObject):
 
 
 class GeneratorWorker(QObject):
-    """Runs a core generator on its own QThread, emitting each yielded report.
+    """Runs a core generator on its own QThread, emitting each yielded report with its job id.
 
     Stopping is closing the generator (its ``finally`` blocks run on the worker thread).
     """
 
-    report = Signal(object)
-    failed = Signal(str)
-    finished = Signal(bool)  # True when the generator ran to its end
+    report = Signal(int, object)
+    failed = Signal(int, str)
+    finished = Signal(int, bool)  # True when the generator ran to its end
 
-    def __init__(self, make_generator: Callable[[], Iterator[Any]]) -> None:
+    def __init__(self, job_id: int, make_generator: Callable[[], Iterator[Any]]) -> None:
         super().__init__()
+        self.job_id = job_id
         self._make = make_generator
         self._stop = threading.Event()
 
@@ -131,23 +132,31 @@ class GeneratorWorker(QObject):
             for item in gen:
                 if self._stop.is_set():
                     break
-                self.report.emit(item)
+                self.report.emit(self.job_id, item)
             else:
                 completed = True
         except Exception as exc:
-            log.exception("background job failed")
-            self.failed.emit(str(exc) or type(exc).__name__)
+            if not self._stop.is_set():  # a stopped job's errors (a closed slide...) are nobody's concern
+                log.exception("background job failed")
+                self.failed.emit(self.job_id, str(exc) or type(exc).__name__)
         finally:
             close = getattr(gen, "close", None)
             if close is not None:
-                close()
-            self.finished.emit(completed)
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing a background job failed")
+            self.finished.emit(self.job_id, completed)
 
 
 class JobRunner(QObject):
-    """Owns the single QThread of a long job (inference or training).
+    """Owns the QThread of the one current long job (inference or training).
 
-    ``finished`` is emitted once the thread itself has finished, never while it still runs.
+    Every job has an id; a report, failure or end of any other job is dropped where it arrives,
+    so a stopped job can never touch what the GUI shows now. ``stop()`` returns at once: the
+    stopped job winds down on its own thread (within one batch) and is kept referenced until
+    it has; only :meth:`shutdown` (closing the window) waits for threads. ``finished`` is
+    emitted once the current job's thread itself has finished.
     """
 
     report = Signal(object)
@@ -158,49 +167,77 @@ class JobRunner(QObject):
         super().__init__(parent)
         self.thread: QThread | None = None
         self.worker: GeneratorWorker | None = None
+        self.job_id = 0
         self._completed = False
+        self._retired: dict[int, tuple[QThread, GeneratorWorker]] = {}
+        self._job_of: dict[QThread, int] = {}
 
     def running(self) -> bool:
         return self.thread is not None and self.thread.isRunning()
 
-    def start(self, make_generator: Callable[[], Iterator[Any]]) -> None:
+    def start(self, make_generator: Callable[[], Iterator[Any]]) -> int:
+        """Start a job (stopping the current one); returns its id."""
         self.stop()
-        self.thread = QThread()
-        self.worker = GeneratorWorker(make_generator)
-        self.worker.moveToThread(self.thread)
-        self.thread.started.connect(self.worker.run)
-        self.worker.report.connect(self._on_worker_report)
-        self.worker.failed.connect(self._on_worker_failed)
-        self.worker.finished.connect(self._on_worker_finished)
-        self.worker.finished.connect(self.thread.quit)
-        self.thread.finished.connect(self._on_thread_finished)
-        self._completed = False
-        self.thread.start()
+        self.job_id += 1
+        thread, worker = QThread(), GeneratorWorker(self.job_id, make_generator)
+        worker.moveToThread(thread)
+        thread.started.connect(worker.run)
+        worker.report.connect(self._on_worker_report)
+        worker.failed.connect(self._on_worker_failed)
+        worker.finished.connect(self._on_worker_finished)
+        worker.finished.connect(thread.quit)
+        # A bound slot of this GUI-thread object (not a lambda, which would run on the worker thread).
+        thread.finished.connect(self._on_thread_finished)
+        self._job_of[thread] = self.job_id
+        self.thread, self.worker, self._completed = thread, worker, False
+        thread.start()
+        return self.job_id
 
     def stop(self) -> None:
-        """Ask the job to stop and wait for its thread to finish."""
-        if self.worker is not None:
+        """Ask the current job to stop; return at once. Its later reports are dropped."""
+        if self.worker is not None and self.thread is not None:
             self.worker.stop()
-        if self.thread is not None:
-            self.thread.finished.disconnect(self._on_thread_finished)
             self.thread.requestInterruption()
-            self.thread.quit()
-            self.thread.wait()
+            self.thread.quit()  # its event loop ends as soon as the worker's run() returns
+            self._retired[self.worker.job_id] = (self.thread, self.worker)
         self.thread, self.worker = None, None
+        self.job_id += 1  # nothing of the stopped job is current any more
 
-    @Slot(object)
-    def _on_worker_report(self, item: object) -> None:
-        self.report.emit(item)
+    def shutdown(self) -> None:
+        """Stop the current job and wait for every job's thread (closing the window)."""
+        self.stop()
+        for thread, _worker in list(self._retired.values()):
+            thread.wait()
+        self._retired.clear()
+        self._job_of.clear()
 
-    @Slot(str)
-    def _on_worker_failed(self, message: str) -> None:
-        self.failed.emit(message)
+    def threads(self) -> int:
+        """Threads of this runner that have not finished (current and stopping)."""
+        alive = [t for t, _w in self._retired.values() if not t.isFinished()]
+        return len(alive) + (1 if self.running() else 0)
 
-    @Slot(bool)
-    def _on_worker_finished(self, completed: bool) -> None:
-        self._completed = completed
+    @Slot(int, object)
+    def _on_worker_report(self, job_id: int, item: object) -> None:
+        if job_id == self.job_id:
+            self.report.emit(item)
+
+    @Slot(int, str)
+    def _on_worker_failed(self, job_id: int, message: str) -> None:
+        if job_id == self.job_id:
+            self.failed.emit(message)
+
+    @Slot(int, bool)
+    def _on_worker_finished(self, job_id: int, completed: bool) -> None:
+        if job_id == self.job_id:
+            self._completed = completed
 
     @Slot()
     def _on_thread_finished(self) -> None:
-        self.thread, self.worker = None, None
-        self.finished.emit(self._completed)
+        job_id = self._job_of.pop(self.sender(), None)  # type: ignore[arg-type]
+        if job_id is None:
+            return
+        if self._retired.pop(job_id, None) is not None:
+            return  # a stopped job has wound down; nobody waits for its end
+        if self.worker is not None and job_id == self.worker.job_id:
+            self.thread, self.worker = None, None
+            self.finished.emit(self._completed)

@@ -150,3 +150,28 @@ def test_bad_input_is_one_clear_sentence(kind: str, tmp_path: Path) -> None:
         open_slide(p)
     msg = str(info.value)
     assert msg.endswith(".") and "\n" not in msg and "Traceback" not in msg
+
+
+def test_close_waits_for_reads_in_flight_and_refuses_later_ones(slide_mpp) -> None:
+    import threading
+    import time
+
+    slide = open_slide(slide_mpp[0])
+    errors: list[BaseException] = []
+    reads = [0]
+
+    def reader() -> None:
+        try:
+            while True:
+                slide.read(Rect(0, 0, 1500, 1100), (750, 550))
+                reads[0] += 1
+        except SlideError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    while reads[0] < 3:
+        time.sleep(0.01)
+    slide.close()  # from another thread, mid-read: waits, then the reader gets one sentence
+    t.join(10)
+    assert not t.is_alive() and len(errors) == 1 and "was closed" in str(errors[0])

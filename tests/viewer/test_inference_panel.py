@@ -127,3 +127,30 @@ def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWi
     # A model without context has nothing to toggle.
     window.inference.set_model(model)
     assert not panel.context_box.isEnabled()
+
+
+def test_switching_slides_50_times_mid_run_applies_no_stale_report(qtbot, window: MainWindow, slide_mpp) -> None:
+    """Open, start, switch after a seeded random delay, 50 times: every report that reaches the
+    panel belongs to the slide open at that moment, nothing crashes, no thread is left."""
+    from viewer.inference_panel import Planned
+
+    rng = np.random.default_rng(11)
+    slides = [DEMO, CMU_SVS, slide_mpp[0]]
+    panel = window.inference
+    delivered: list[tuple[str, object]] = []
+    panel.runner.report.connect(lambda r: delivered.append((window.slide.fingerprint(), r)))
+    for i in range(50):
+        assert window.open_path(slides[i % len(slides)])
+        panel.start()
+        qtbot.wait(int(rng.integers(0, 120)))
+    stale = [r for fp, r in delivered if isinstance(r, Planned) and r.info.slide_fingerprint != fp]
+    assert not stale and sum(isinstance(r, Planned) for _, r in delivered) >= 10
+    # Whatever the last job delivered after its plan is exactly what its heatmap holds.
+    qtbot.waitUntil(lambda: not panel.runner.running(), timeout=120_000)
+    last_plan = max(i for i, (_, r) in enumerate(delivered) if isinstance(r, Planned))
+    done = sum(len(r.rows) for _, r in delivered[last_plan:] if isinstance(r, BatchResult))
+    hm = panel.heatmap
+    assert hm is not None and hm.info.slide_fingerprint == window.slide.fingerprint()
+    assert int(hm.patch_done.sum()) == done
+    window.close()
+    assert panel.runner.threads() == 0
