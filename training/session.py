@@ -139,8 +139,8 @@ def split(data: PatchSet, val: float, test: float, seed: int,
     return parts[0], parts[1], parts[2]
 
 
-def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport | DoneReport | CompareReport]:
-    """Load, split, train and compare; each step is a small report."""
+def prepare(config: SessionConfig) -> tuple[DataReport, PatchSet, PatchSet, PatchSet]:
+    """Load the sources and split them: what a run would train, validate and test on."""
     t0 = time.perf_counter()
     meta = model_meta_for(config.train)
     data, by_source = load_sources(config.sources, meta, config.train.seed)
@@ -148,13 +148,25 @@ def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport
         raise ValueError("No training patches were found in the chosen sources.")
     fixed = split_of(config.split_from) if config.split_from else None
     train, val, test = split(data, config.val_fraction, config.test_fraction, config.train.seed, fixed)
-    yield DataReport(
+    report = DataReport(
         counts={"train": train.summary(), "val": val.summary(), "test": test.summary()},
         by_source=by_source,
         val_groups=tuple(sorted(set(val.groups.astype(str).tolist()))),
         test_groups=tuple(sorted(set(test.groups.astype(str).tolist()))),
         load_s=time.perf_counter() - t0,
     )
+    return report, train, val, test
+
+
+def count(config: SessionConfig) -> Iterator[DataReport]:
+    """The data report of a run without training (the GUI's *Count patches* job)."""
+    yield prepare(config)[0]
+
+
+def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport | DoneReport | CompareReport]:
+    """Load, split, train and compare; each step is a small report."""
+    report, train, val, test = prepare(config)
+    yield report
     provenance = {
         "sources": [s.describe() for s in config.sources],
         "split": {"train": train.summary(), "val": val.summary(), "test": test.summary()},

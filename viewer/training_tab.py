@@ -61,6 +61,7 @@ class TrainingTab(QWidget):
         self._current_model = current_model
         self._current_regions = current_regions
         self.runner = JobRunner(self)
+        self._counting = False  # the job running counts patches rather than training
         self.runner.report.connect(self._on_runner_report)
         self.runner.failed.connect(self._on_runner_failed)
         self.runner.finished.connect(self._on_runner_finished)
@@ -288,16 +289,20 @@ class TrainingTab(QWidget):
 
     @Slot()
     def count(self) -> None:
-        """Show patch counts per source without training."""
-        from training.session import load_sources, model_meta_for
+        """Count patches per source and show the split a run would use, as a background job."""
+        from training.session import count
 
+        if self.runner.running():
+            return
         try:
             config = self.config()
-            _data, by_source = load_sources(config.sources, model_meta_for(config.train))
-        except (ValueError, OSError, ModelError) as exc:
+        except (ModelError, OSError) as exc:
             self.status.setText(f"Cannot count: {exc}")
             return
-        self._fill_counts(by_source, {})
+        self._counting = True
+        self.status.setText("Counting patches\u2026")
+        self.runner.start(lambda: count(config))
+        self._update_controls()
 
     def _fill_counts(self, by_source: dict[str, dict[str, int]], splits: dict[str, dict[str, int]]) -> None:
         rows = list(by_source.items()) + [(f"split: {k}", v) for k, v in splits.items() if v["patches"]]
@@ -396,11 +401,15 @@ class TrainingTab(QWidget):
 
     @Slot(str)
     def _on_runner_failed(self, message: str) -> None:
-        self.status.setText(f"Training stopped: {message}")
+        self.status.setText(f"{'Cannot count' if self._counting else 'Training stopped'}: {message}")
 
     @Slot(bool)
     def _on_runner_finished(self, completed: bool) -> None:
-        if completed and self.result_path is not None:
+        if self._counting:
+            self._counting = False
+            if completed:
+                self.status.setText("Counted; the table shows the split a run would use.")
+        elif completed and self.result_path is not None:
             self.result_model = load_checkpoint(self.result_path)
             self.status.setText("Done. Compare the models below, then use or save the new one.")
         self._update_controls()
