@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from inference.model import load_checkpoint, shipped_model_path
 from inference.predict import PredictSettings, plan, predict_slide
 from inference.slide import open_slide
 from inference.truth import agreement, cell_truth, labels_path, load_labels, truth_from_labels
-from training.loop import TrainConfig
+from training.loop import FINE_TUNE
 from training.session import RegionSource, SessionConfig, run
 from viewer.app import demo_slide_path
 
@@ -59,8 +60,7 @@ def main() -> int:
         t1 = time.perf_counter()
         config = SessionConfig(
             (RegionSource(str(slide_path), anns, group_by="region"),),
-            TrainConfig(out=str(tmp / "ft.pt"), epochs=3, samples_per_epoch=512, batch_size=64, lr=1e-3,
-                        init=str(shipped_model_path()), freeze_trunk=False, patience=3),
+            replace(FINE_TUNE, out=str(tmp / "ft.pt"), init=str(shipped_model_path())),
             val_fraction=0.2,
         )
         for _report in run(config):

@@ -34,32 +34,38 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The defaults are the typed configs' own, so the CLI, the GUI and the core cannot disagree.
+    from inference.model import Architecture
+    from training.loop import TrainConfig
+    from training.session import SessionConfig
+
     p = argparse.ArgumentParser(prog="idc-viewer", description="IDC Slide Viewer")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     sub = p.add_subparsers(dest="command")
 
-    t = sub.add_parser("train", help="train or fine-tune the IDC model on patch folders")
+    t = sub.add_parser("train", help="train or fine-tune the IDC model on patch folders",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(t)
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     t.add_argument("--init", default=None, help="start from this checkpoint (fine-tune)")
     t.add_argument("--freeze-trunk", action="store_true", help="with --init: train only the head")
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--samples-per-epoch", type=int, default=8000)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--patience", type=int, default=4, help="early stopping on val balanced accuracy")
-    t.add_argument("--depth", type=int, default=16)
-    t.add_argument("--widen", type=int, default=2)
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--val-fraction", type=float, default=0.15, help="share of patients for validation")
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    t.add_argument("--samples-per-epoch", type=int, default=TrainConfig.samples_per_epoch)
+    t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    t.add_argument("--lr", type=float, default=TrainConfig.lr)
+    t.add_argument("--patience", type=int, default=TrainConfig.patience, help="early stopping on val balanced accuracy")
+    t.add_argument("--depth", type=int, default=Architecture.depth)
+    t.add_argument("--widen", type=int, default=Architecture.widen)
+    t.add_argument("--dropout", type=float, default=Architecture.dropout)
+    t.add_argument("--val-fraction", type=float, default=SessionConfig.val_fraction, help="share of patients for validation")
     t.add_argument("--test-fraction", type=float, default=0.15, help="share of patients held out")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=TrainConfig.seed)
     t.add_argument("--split-from", default=None, metavar="CKPT",
                    help="validate and test on the patients this checkpoint recorded (fair comparison)")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-jpeg-augment", action="store_true",
                    help="keep stain and geometry augmentation but train on lossless patches only")
-    t.add_argument("--val-jpeg-quality", type=int, default=80, metavar="Q",
+    t.add_argument("--val-jpeg-quality", type=int, default=TrainConfig.val_jpeg_quality, metavar="Q",
                    help="validate on patches after a JPEG round trip at quality Q (0: lossless)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

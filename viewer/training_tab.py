@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pyqtgraph as pg
@@ -33,7 +34,7 @@ from PySide6.QtWidgets import (
 from inference.annotations import AnnotationStore
 from inference.atomic import write_bytes
 from inference.model import LoadedModel, ModelError, load_checkpoint, shipped_model_path
-from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
+from training.loop import FINE_TUNE, FINE_TUNE_VAL_FRACTION, DoneReport, EpochReport, StepReport
 from training.regions import DEFAULT_LABELS
 from training.session import (
     CompareReport,
@@ -120,22 +121,22 @@ class TrainingTab(QWidget):
         form.addRow("Start from", self.start_model)
         self.epochs = QSpinBox()
         self.epochs.setRange(1, 200)
-        self.epochs.setValue(3)
+        self.epochs.setValue(FINE_TUNE.epochs)
         form.addRow("Epochs", self.epochs)
         self.samples = QSpinBox()
         self.samples.setRange(64, 1_000_000)
         self.samples.setSingleStep(256)
-        self.samples.setValue(512)
+        self.samples.setValue(FINE_TUNE.samples_per_epoch)
         form.addRow("Patches per epoch", self.samples)
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(1e-4)
-        self.lr.setValue(1e-3)
+        self.lr.setValue(FINE_TUNE.lr)
         form.addRow("Learning rate", self.lr)
         self.batch = QSpinBox()
         self.batch.setRange(8, 1024)
-        self.batch.setValue(64)
+        self.batch.setValue(FINE_TUNE.batch_size)
         form.addRow("Batch size", self.batch)
         self.freeze = QCheckBox("Freeze the trunk (train the head only: faster, adapts less)")
         self.freeze.setChecked(False)
@@ -149,7 +150,7 @@ class TrainingTab(QWidget):
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.05, 0.5)
         self.val_fraction.setSingleStep(0.05)
-        self.val_fraction.setValue(0.25)
+        self.val_fraction.setValue(FINE_TUNE_VAL_FRACTION)
         form.addRow("Validation share", self.val_fraction)
         self.seed = QSpinBox()
         self.seed.setRange(0, 1_000_000)
@@ -271,7 +272,8 @@ class TrainingTab(QWidget):
     def config(self) -> SessionConfig:
         start = self._start_path()
         meta = load_checkpoint(start).meta
-        train = TrainConfig(
+        train = replace(
+            FINE_TUNE,
             out=str(self._workdir / "fine_tuned.pt"),
             arch=meta.arch,
             epochs=self.epochs.value(),
