@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import shapely
 import tifffile
 from PIL import Image, ImageDraw
 
@@ -51,14 +52,26 @@ def region_rows(annotations: Sequence[Annotation], mpp: float | None, heatmap: H
     return rows
 
 
+def union_area_um2(annotations: Sequence[Annotation], mpp: float | None) -> dict[str, float] | None:
+    """Area of the union of each class's regions in um2 (overlaps counted once)."""
+    if mpp is None:
+        return None
+    by_class: dict[str, list[Any]] = {}
+    for a in annotations:
+        if a.geometry.area > 0:
+            by_class.setdefault(a.cls, []).append(a.geometry)
+    return {cls: float(shapely.union_all(geoms).area) * mpp * mpp for cls, geoms in sorted(by_class.items())}
+
+
 def report(annotations: Sequence[Annotation], slide: Slide, heatmap: Heatmap | None) -> dict[str, Any]:
-    """Per-region figures and totals (areas in um2; None where the MPP is unknown)."""
+    """Per-region figures and totals (areas in um2; None where the MPP is unknown).
+
+    Per-region rows keep each region's own area; the totals are areas of the union per class,
+    so overlapping regions are not counted twice.
+    """
     rows = region_rows(annotations, slide.mpp, heatmap)
-    idc = [r.area_um2 for r in rows if r.cls == "IDC" and r.area_um2 is not None]
-    by_class: dict[str, float] = {}
-    for r in rows:
-        if r.area_um2 is not None:
-            by_class[r.cls] = by_class.get(r.cls, 0.0) + r.area_um2
+    by_class = union_area_um2(annotations, slide.mpp)
+    idc = by_class.get("IDC", 0.0) if by_class is not None else None
     return {
         "slide": slide.path.name,
         "mpp": slide.mpp,
@@ -67,14 +80,25 @@ def report(annotations: Sequence[Annotation], slide: Slide, heatmap: Heatmap | N
         "totals": {
             "regions": len(rows),
             "idc_regions": sum(1 for r in rows if r.cls == "IDC"),
-            "idc_area_um2": sum(idc) if slide.mpp else None,
-            "idc_area_mm2": sum(idc) / 1e6 if slide.mpp else None,
-            "area_um2_by_class": by_class if slide.mpp else None,
+            "idc_area_um2": idc,
+            "idc_area_mm2": idc / 1e6 if idc is not None else None,
+            "area_um2_by_class": by_class,
+            "note": "areas of the union of each class's regions (overlaps counted once)",
         },
     }
 
 
+def _plain(value: Any) -> str:
+    """A CSV cell: plain decimals (never 4.8e+06), empty for missing values."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".") if math.isfinite(value) else ""
+    return str(value)
+
+
 def write_report(rep: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """<stem>.report.json (regions and totals) and <stem>.report.csv (one header, one row per region)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"{stem}.report.json"
     write_bytes(json_path, json.dumps(rep, indent=1).encode())
@@ -83,10 +107,7 @@ def write_report(rep: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     cols = ["id", "name", "cls", "source", "geometry", "area_um2", "mean_prob_idc", "idc_fraction"]
     w.writerow(["id", "name", "class", "source", "geometry", "area_um2", "mean_prob_idc", "idc_fraction"])
     for r in rep["regions"]:
-        w.writerow(["" if r[c] is None else (f"{r[c]:.6g}" if isinstance(r[c], float) else r[c]) for c in cols])
-    t = rep["totals"]
-    w.writerow([])
-    w.writerow(["total IDC area um2", "" if t["idc_area_um2"] is None else f"{t['idc_area_um2']:.6g}"])
+        w.writerow([_plain(r[c]) for c in cols])
     csv_path = out_dir / f"{stem}.report.csv"
     write_bytes(csv_path, buf.getvalue().encode())
     return [json_path, csv_path]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from inference.annotation_io import (
     save_store,
 )
 from inference.annotations import Annotation, AnnotationError, AnnotationStore, regions_from_heatmap
-from inference.export import crop, export_regions, report
+from inference.export import crop, export_regions, report, write_report
 from inference.geometry import Rect
 from inference.heatmap import Heatmap, HeatmapInfo
 from inference.patches import PatchGrid
@@ -141,6 +142,23 @@ def test_areas_in_um2(slide_mpp) -> None:
         assert a.area_um2(None) is None
         rep = report([a], slide, None)
     assert rep["totals"]["idc_area_um2"] == pytest.approx(5000.0)
+
+
+def test_report_totals_are_union_areas_and_csv_is_plain(slide_mpp, tmp_path) -> None:
+    path, _ = slide_mpp
+    big = Annotation(shapely.box(0, 0, 4000, 2000), "IDC", "big")  # 2,000,000 um2 at 0.5 um/px
+    overlap = Annotation(shapely.box(2000, 0, 6000, 2000), "IDC", "overlap")  # half inside big
+    other = Annotation(shapely.box(0, 0, 100, 100), "Non-IDC", "n")
+    with open_slide(path) as slide:
+        rep = report([big, overlap, other], slide, None)
+    t = rep["totals"]
+    assert [r["area_um2"] for r in rep["regions"]] == pytest.approx([2e6, 2e6, 2500])  # rows unchanged
+    assert t["idc_area_um2"] == pytest.approx(3e6) and t["idc_area_mm2"] == pytest.approx(3.0)  # not 4
+    assert t["area_um2_by_class"] == pytest.approx({"IDC": 3e6, "Non-IDC": 2500})
+    _, csv_path = write_report(rep, tmp_path, "s")
+    rows = list(csv.reader(csv_path.open()))
+    assert rows[0][0] == "id" and len(rows) == 4 and all(len(r) == 8 for r in rows)  # no footer row
+    assert rows[1][5] == "2000000" and "e+" not in csv_path.read_text()
 
 
 def test_crop_equals_direct_read_and_mask(slide_mpp) -> None:
