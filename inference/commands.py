@@ -100,5 +100,6 @@ def run_export(args: Any) -> int:
             print("idc-viewer export: error: the heatmap was computed on another slide.", file=sys.stderr)
             return 2
         paths = export_regions(slide, annotations, Path(args.out), args.mpp_out, args.overlay, heatmap, store)
-    print(f"wrote {len(paths)} files to {args.out} ({len(annotations)} regions)", file=sys.stderr)
+    n = len(annotations)
+    print(f"wrote {len(paths)} files to {args.out} ({n} region{'' if n == 1 else 's'})", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -180,6 +181,7 @@ class TrainingTab(QWidget):
         self.loss_plot = pg.PlotWidget(title="Loss")
         self.loss_plot.addLegend()
         self.loss_plot.setLabel("bottom", "epoch")
+        self.loss_plot.getAxis("bottom").enableAutoSIPrefix(False)  # never "epoch (x0.001)"
         self.step_curve = self.loss_plot.plot(pen=pg.mkPen((150, 150, 220), width=1), name="train (batches)")
         self.train_curve = self.loss_plot.plot(pen=pg.mkPen((30, 60, 200), width=2), symbol="o", symbolSize=6,
                                                name="train")
@@ -189,6 +191,7 @@ class TrainingTab(QWidget):
         self.metric_plot = pg.PlotWidget(title="Validation")
         self.metric_plot.addLegend()
         self.metric_plot.setLabel("bottom", "epoch")
+        self.metric_plot.getAxis("bottom").enableAutoSIPrefix(False)
         self.metric_plot.setYRange(0.4, 1.0)
         self.bacc_curve = self.metric_plot.plot(pen=pg.mkPen((20, 140, 60), width=2), symbol="o", symbolSize=6,
                                                 name="balanced accuracy")
@@ -353,8 +356,10 @@ class TrainingTab(QWidget):
         self.runner.stop()
 
     def shutdown(self) -> None:
-        """Stop and wait for every thread of this panel (closing the window)."""
+        """Stop and wait for every thread of this panel, then remove its working folder (closing
+        the window); a checkpoint the user wants to keep was saved elsewhere with *Save*."""
         self.runner.shutdown()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _reset_curves(self) -> None:
         self._step_x, self._step_loss, self._epochs = [], [], []

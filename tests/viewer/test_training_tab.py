@@ -150,5 +150,8 @@ def test_close_window_mid_training(qtbot, window: MainWindow, tiny_folder: Path)
     tab = window.training
     configure(tab, tiny_folder, epochs=30)
     thread = start_and_wait_for(qtbot, tab, StepReport)
+    workdir = tab._workdir
+    assert workdir.is_dir()
     window.close()
     assert thread.isFinished()
+    assert not workdir.exists()  # no /tmp/idc-train-* folder left behind
