@@ -7,7 +7,7 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from inference.atomic import write_bytes
 
 log = logging.getLogger(__name__)
 
+#: ASAP group holding the holes of a class's polygons (ASAP polygons cannot have holes).
+HOLE_SUFFIX = " hole"
 SUPPORTED_GEOMETRIES = {"Polygon", "MultiPolygon", "Point", "MultiPoint", "LineString"}
 
 
@@ -124,7 +126,9 @@ def _rgb(text: str | None) -> tuple[int, int, int] | None:
 
 
 def dumps_asap(annotations: Sequence[Annotation], store: AnnotationStore | None = None) -> bytes:
-    """ASAP XML. ASAP has no holes: each polygon part is written by its outer ring."""
+    """ASAP XML. ASAP polygons have no holes: each polygon part is written by its outer ring and
+    each hole as its own polygon in the group "<class> hole" (read back as holes by
+    :func:`parse_asap`; other readers see the holes as separate regions, never lose them)."""
     root = ET.Element("ASAP_Annotations")
     anns = ET.SubElement(root, "Annotations")
     groups: dict[str, tuple[int, int, int]] = {}
@@ -132,25 +136,44 @@ def dumps_asap(annotations: Sequence[Annotation], store: AnnotationStore | None 
         color = store.color(a.cls) if store is not None else (255, 0, 0)
         groups[a.cls] = color
         parts = list(getattr(a.geometry, "geoms", [a.geometry]))
+        name = a.name or a.id
         for k, part in enumerate(parts):
+            pname = name if len(parts) == 1 else f"{name} [{k + 1}]"
             if part.geom_type == "Polygon":
-                coords, atype = list(part.exterior.coords)[:-1], "Polygon"
+                _asap_element(anns, pname, "Polygon", a.cls, color, list(part.exterior.coords)[:-1])
+                for h, ring in enumerate(part.interiors):
+                    groups[a.cls + HOLE_SUFFIX] = color
+                    _asap_element(anns, f"{pname} hole {h + 1}", "Polygon", a.cls + HOLE_SUFFIX, color,
+                                  list(ring.coords)[:-1])
             elif part.geom_type == "Point":
-                coords, atype = [(part.x, part.y)], "Dot"
+                _asap_element(anns, pname, "Dot", a.cls, color, [(part.x, part.y)])
             else:
-                coords, atype = list(part.coords), "PointSet"
-            name = a.name or a.id
-            el = ET.SubElement(anns, "Annotation", Name=name if len(parts) == 1 else f"{name} [{k + 1}]",
-                               Type=atype, PartOfGroup=a.cls, Color=_hex(color))
-            cs = ET.SubElement(el, "Coordinates")
-            for order, (x, y) in enumerate(coords):
-                ET.SubElement(cs, "Coordinate", Order=str(order), X=repr(float(x)), Y=repr(float(y)))
+                _asap_element(anns, pname, "PointSet", a.cls, color, list(part.coords))
     grp = ET.SubElement(root, "AnnotationGroups")
     for name, color in groups.items():
         g = ET.SubElement(grp, "Group", Name=name, PartOfGroup="None", Color=_hex(color))
         ET.SubElement(g, "Attributes")
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _asap_element(parent: ET.Element, name: str, atype: str, group: str, color: tuple[int, int, int],
+                  coords: list[Any]) -> None:
+    el = ET.SubElement(parent, "Annotation", Name=name, Type=atype, PartOfGroup=group, Color=_hex(color))
+    cs = ET.SubElement(el, "Coordinates")
+    for order, (x, y) in enumerate(coords):
+        ET.SubElement(cs, "Coordinate", Order=str(order), X=repr(float(x)), Y=repr(float(y)))
+
+
+def _cut_holes(annotations: list[Annotation], holes: list[tuple[str, Any]]) -> list[Annotation]:
+    """Subtract each "<class> hole" polygon from the regions of its class that contain it."""
+    out = list(annotations)
+    for cls, hole in holes:
+        for i, a in enumerate(out):
+            if a.cls == cls and a.geometry.geom_type in ("Polygon", "MultiPolygon") and a.geometry.contains(hole):
+                out[i] = replace(a, geometry=a.geometry.difference(hole))
+                break
+    return out
 
 
 def parse_asap(data: bytes | str, source_name: str = "file") -> ImportResult:
@@ -166,6 +189,7 @@ def parse_asap(data: bytes | str, source_name: str = "file") -> ImportResult:
         if g.get("Name") and color:
             classes[g.get("Name")] = AnnotationClass(g.get("Name"), color)
     out, skipped = [], []
+    holes: list[tuple[str, Any]] = []
     for i, el in enumerate(root.iter("Annotation")):
         try:
             pts = sorted((int(c.get("Order", "0")), float(c.get("X")), float(c.get("Y")))
@@ -189,10 +213,14 @@ def parse_asap(data: bytes | str, source_name: str = "file") -> ImportResult:
         cls = el.get("PartOfGroup") or "Other"
         if cls == "None":
             cls = "Other"
+        if cls.endswith(HOLE_SUFFIX) and geom.geom_type == "Polygon":
+            holes.append((cls[: -len(HOLE_SUFFIX)], geom))
+            continue
         if cls not in classes and _rgb(el.get("Color")):
             classes[cls] = AnnotationClass(cls, _rgb(el.get("Color")))  # type: ignore[arg-type]
         out.append(Annotation(geometry=geom, cls=cls, name=el.get("Name", "")))
-    return ImportResult(out, list(classes.values()), skipped)
+    classes = {k: v for k, v in classes.items() if not k.endswith(HOLE_SUFFIX)}
+    return ImportResult(_cut_holes(out, holes), list(classes.values()), skipped)
 
 
 def read_file(path: str | os.PathLike[str]) -> ImportResult:
@@ -225,10 +253,26 @@ def save_store(path: Path, store: AnnotationStore) -> None:
     write_bytes(path, dumps_geojson(store.items, store))
 
 
-def load_into(store: AnnotationStore, result: ImportResult, replace_all: bool = False) -> None:
+def _identity(a: Annotation) -> tuple[str, bytes]:
+    """Class and geometry (normalised, to 1e-6 px) of an annotation: what makes two the same region."""
+    return a.cls, shapely.set_precision(shapely.normalize(a.geometry), 1e-6).wkb
+
+
+def load_into(store: AnnotationStore, result: ImportResult, replace_all: bool = False) -> int:
+    """Add imported annotations (or replace all); returns how many were added. An annotation
+    with the same class and geometry as one already there is not added again."""
     for c in result.classes:
         store.ensure_class(c.name, c.color)
     if replace_all:
         store.replace_all(result.annotations)
-    elif result.annotations:
-        store.add(*result.annotations)
+        return len(result.annotations)
+    seen = {_identity(a) for a in store.items}
+    new = []
+    for a in result.annotations:
+        key = _identity(a)
+        if key not in seen:
+            seen.add(key)
+            new.append(a)
+    if new:
+        store.add(*new)
+    return len(new)

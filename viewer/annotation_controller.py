@@ -184,8 +184,11 @@ class AnnotationController(QObject):
         except AnnotationError as exc:
             self.error.emit("Cannot import annotations", str(exc))
             return False
-        load_into(self.store, result)
-        msg = f"Imported {len(result.annotations)} annotations from {Path(path).name}"
+        added = load_into(self.store, result)
+        same = len(result.annotations) - added
+        msg = f"Imported {added} annotation{'' if added == 1 else 's'} from {Path(path).name}"
+        if same:
+            msg += f" ({same} already there, not duplicated)"
         if result.skipped:
             msg += f"; skipped {len(result.skipped)} ({result.skipped[0]}{', ...' if len(result.skipped) > 1 else ''})"
         self.message.emit(msg + ".")

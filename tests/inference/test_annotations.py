@@ -257,3 +257,29 @@ def test_export_cli_bad_annotation_file(tmp_path: Path, slide_mpp, capsys) -> No
     bad.write_text("{oops")
     assert main(["export", str(slide_mpp[0]), "--annotations", str(bad), "--out", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_asap_export_keeps_holes_and_reimport_does_not_duplicate(tmp_path) -> None:
+    from inference.annotation_io import (
+        dumps_asap,
+        dumps_geojson,
+        load_into,
+        parse_asap,
+        parse_geojson,
+    )
+
+    outer = shapely.box(0, 0, 1000, 1000)
+    holed = Annotation(outer.difference(shapely.box(200, 200, 400, 400)).difference(shapely.box(600, 600, 700, 700)),
+                       "IDC", "r")
+    plain = Annotation(shapely.box(2000, 0, 2100, 100), "Non-IDC", "p")
+    back = parse_asap(dumps_asap([holed, plain]))
+    assert len(back.annotations) == 2 and {c.name for c in back.classes} == {"IDC", "Non-IDC"}
+    got = {a.cls: a for a in back.annotations}
+    assert got["IDC"].geometry.area == pytest.approx(holed.geometry.area)  # 1e6 - 4e4 - 1e4, not 1e6
+    assert len(got["IDC"].geometry.interiors) == 2
+    store = AnnotationStore()
+    data = dumps_geojson([holed, plain])
+    assert load_into(store, parse_geojson(data)) == 2
+    assert load_into(store, parse_geojson(data)) == 0 and len(store.items) == 2  # same file again
+    moved = Annotation(shapely.affinity.translate(plain.geometry, 5, 0), "Non-IDC", "p")
+    assert load_into(store, parse_geojson(dumps_geojson([moved]))) == 1  # a different region is added
