@@ -153,10 +153,31 @@ class AnnotationStore:
         self._commit(tuple(a for a in self._items if a.id not in drop))
 
     def update(self, ann_id: str, **changes: Any) -> None:
-        """Replace fields of one annotation (geometry, cls, name, note, source)."""
+        """Replace fields of one annotation (geometry, cls, name, note, source).
+
+        A model region whose outline or class a person changes becomes the person's own
+        (source "manual"): it is then ground truth for training and validation.
+        """
         if "cls" in changes:
             self.ensure_class(changes["cls"])
+        if "source" not in changes and ("geometry" in changes or "cls" in changes):
+            changes["source"] = "manual"
         self._commit(tuple(replace(a, **changes) if a.id == ann_id else a for a in self._items))
+
+    def confirm(self, *ids: str) -> int:
+        """A person accepts model regions as they are (one undo step); returns how many changed."""
+        chosen = set(ids)
+        items = tuple(replace(a, source="manual") if a.id in chosen and a.source == "model" else a
+                      for a in self._items)
+        changed = sum(1 for a, b in zip(items, self._items, strict=True) if a.source != b.source)
+        if changed:
+            self._commit(items)
+        return changed
+
+    def truth(self, labels: Iterable[str]) -> tuple[Annotation, ...]:
+        """Annotations of these classes that a person drew, edited or confirmed (never the model's own)."""
+        wanted = set(labels)
+        return tuple(a for a in self._items if a.cls in wanted and a.source == "manual")
 
     def replace_all(self, annotations: Iterable[Annotation]) -> None:
         annotations = tuple(annotations)

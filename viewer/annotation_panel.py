@@ -96,6 +96,11 @@ class AnnotationPanel(QWidget):
         self.regions_button = QPushButton("Create IDC regions")
         self.regions_button.clicked.connect(self.create_regions)
         form.addRow(self.regions_button)
+        self.confirm_button = QPushButton("Confirm selected model regions")
+        self.confirm_button.setToolTip("Model regions are not ground truth for training until a person "
+                                       "confirms or edits them")
+        self.confirm_button.clicked.connect(self._on_confirm_clicked)
+        form.addRow(self.confirm_button)
         layout.addWidget(box)
         self._refresh_classes()
 
@@ -215,6 +220,11 @@ class AnnotationPanel(QWidget):
             return
         for ann_id in self.selected_ids():
             self.store.update(ann_id, cls=self.current_class())
+
+    @Slot()
+    def _on_confirm_clicked(self) -> None:
+        if self.store is not None:
+            self.store.confirm(*self.selected_ids())
 
     @Slot()
     def _on_add_class_clicked(self) -> None:

@@ -38,7 +38,7 @@ from viewer.layers import qimage_to_array
 from viewer.panels import MetadataPanel, OverviewPanel
 from viewer.slide_view import PRESETS, SlideView
 from viewer.tools import TOOLS
-from viewer.training_tab import TrainingTab, regions_source
+from viewer.training_tab import TrainingTab, region_counts, regions_source
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class MainWindow(QMainWindow):
         self.interactive = interactive
         self.slide: Slide | None = None
         self.view = SlideView(self)
-        self.training = TrainingTab(lambda: self.inference.model, self._regions_source)
+        self.training = TrainingTab(lambda: self.inference.model, self._regions_source,
+                                    lambda: region_counts(self.annotations.store))
         self.tabs = QTabWidget()
         self.tabs.addTab(self.view, "Slide")
         self.tabs.addTab(self.training, "Training")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -58,10 +59,12 @@ class TrainingTab(QWidget):
     model_accepted = Signal(object)  # LoadedModel the user chose to use
 
     def __init__(self, current_model: Callable[[], LoadedModel | None],
-                 current_regions: Callable[[], RegionSource | None]) -> None:
+                 current_regions: Callable[[], RegionSource | None],
+                 current_region_counts: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         super().__init__()
         self._current_model = current_model
         self._current_regions = current_regions
+        self._current_region_counts = current_region_counts
         self.runner = JobRunner(self)
         self._counting = False  # the job running counts patches rather than training
         self.runner.report.connect(self._on_runner_report)
@@ -102,6 +105,9 @@ class TrainingTab(QWidget):
         self.use_regions = QCheckBox("IDC / Non-IDC regions of the open slide")
         self.use_regions.setChecked(True)
         sv.addWidget(self.use_regions)
+        self.regions_label = QLabel("")
+        self.regions_label.setWordWrap(True)
+        sv.addWidget(self.regions_label)
         self.count_button = QPushButton("Count patches")
         self.count_button.clicked.connect(self.count)
         sv.addWidget(self.count_button)
@@ -218,6 +224,19 @@ class TrainingTab(QWidget):
         row.addWidget(self.save_button)
         rv.addLayout(row)
 
+    def showEvent(self, event: QShowEvent) -> None:  # noqa: N802 (Qt override)
+        self.update_region_counts()
+        super().showEvent(event)
+
+    def update_region_counts(self) -> None:
+        """Say which of the open slide's regions are ground truth, per source."""
+        truth, model_only = self._current_region_counts()
+        text = f"{truth} region{'' if truth == 1 else 's'} drawn or confirmed by a person"
+        if model_only:
+            text += (f"; {model_only} model region{'' if model_only == 1 else 's'} not used as truth "
+                     "(confirm or edit them in the Annotations panel to train on them)")
+        self.regions_label.setText(text + ".")
+
     def _update_controls(self) -> None:
         running = self.runner.running()
         self.start_button.setEnabled(not running)
@@ -299,6 +318,7 @@ class TrainingTab(QWidget):
 
         if self.runner.running():
             return
+        self.update_region_counts()
         try:
             config = self.config()
         except (ModelError, OSError) as exc:
@@ -448,5 +468,14 @@ def regions_source(slide_path: Path | None, store: AnnotationStore | None, mpp: 
     """The open slide's IDC / Non-IDC regions as a training source."""
     if slide_path is None or store is None:
         return None
-    anns = tuple(a for a in store.items if a.cls in DEFAULT_LABELS)
+    anns = store.truth(DEFAULT_LABELS)
     return RegionSource(str(slide_path), anns, mpp) if anns else None
+
+
+def region_counts(store: AnnotationStore | None) -> tuple[int, int]:
+    """(IDC / Non-IDC regions a person drew or confirmed, model regions not used as truth)."""
+    if store is None:
+        return 0, 0
+    labelled = [a for a in store.items if a.cls in DEFAULT_LABELS]
+    truth = store.truth(DEFAULT_LABELS)
+    return len(truth), len(labelled) - len(truth)

@@ -155,3 +155,26 @@ def test_close_window_mid_training(qtbot, window: MainWindow, tiny_folder: Path)
     window.close()
     assert thread.isFinished()
     assert not workdir.exists()  # no /tmp/idc-train-* folder left behind
+
+
+def test_model_regions_are_not_truth_until_a_person_confirms_or_edits_them(qtbot, window: MainWindow,
+                                                                           tmp_path: Path) -> None:
+    slide = tmp_path / DEMO.name
+    shutil.copy(DEMO, slide)
+    assert window.open_path(slide)
+    store = window.annotations.store
+    drawn = Annotation(shapely.box(1500, 900, 2100, 1500), "IDC", "drawn")
+    model_a = Annotation(shapely.box(2900, 1700, 3300, 2300), "IDC", "IDC region 1", source="model")
+    model_b = Annotation(shapely.box(700, 1900, 1100, 2300), "IDC", "IDC region 2", source="model")
+    store.add(drawn, model_a, model_b)
+    tab = window.training
+    assert [a.name for a in window._regions_source().annotations] == ["drawn"]  # the model's own output is not truth
+    window.tabs.setCurrentWidget(tab)
+    assert tab.regions_label.text().startswith("1 region drawn or confirmed") and "2 model regions" in tab.regions_label.text()
+    store.update(model_a.id, cls="Non-IDC")  # a person corrected it: now truth
+    window.annotation_panel.table.selectRow([a.id for a in store.items].index(model_b.id))
+    window.annotation_panel.confirm_button.click()  # accepted as it is
+    names = sorted(a.name for a in window._regions_source().annotations)
+    assert names == ["IDC region 1", "IDC region 2", "drawn"]
+    store.undo()  # the confirmation is one undo step
+    assert sorted(a.name for a in window._regions_source().annotations) == ["IDC region 1", "drawn"]
