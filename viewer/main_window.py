@@ -65,6 +65,8 @@ class MainWindow(QMainWindow):
         self.view = SlideView(self)
         self.training = TrainingTab(lambda: self.inference.model, self._regions_source,
                                     lambda: region_counts(self.annotations.store))
+        if not interactive:
+            self.training.confirm = lambda title, text: False  # no dialogs: never adopt a worse model
         self.tabs = QTabWidget()
         self.tabs.addTab(self.view, "Slide")
         self.tabs.addTab(self.training, "Training")

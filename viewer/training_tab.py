@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QLabel,
     QListWidget,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -65,6 +66,9 @@ class TrainingTab(QWidget):
         self._current_model = current_model
         self._current_regions = current_regions
         self._current_region_counts = current_region_counts
+        #: Asks the user a yes/no question (a dialog; the main window answers "no" when not interactive).
+        self.confirm: Callable[[str, str], bool] = lambda title, text: QMessageBox.question(
+            self, title, text) == QMessageBox.StandardButton.Yes
         self.runner = JobRunner(self)
         self._counting = False  # the job running counts patches rather than training
         self.runner.report.connect(self._on_runner_report)
@@ -349,6 +353,10 @@ class TrainingTab(QWidget):
         if not config.sources:
             self.status.setText("Add a patch folder or draw IDC / Non-IDC regions on the open slide first.")
             return
+        # A cancelled run offers only what it trained: forget the previous run's checkpoint.
+        out = Path(config.train.out)
+        for stale in (out, out.with_name(out.name + ".resume.pt")):
+            stale.unlink(missing_ok=True)
         self._reset_curves()
         self.result_path, self.result_model, self.compare = None, None, None
         self.status.setText("Loading patches\u2026")
@@ -438,13 +446,32 @@ class TrainingTab(QWidget):
                 self.status.setText("Counted; the table shows the split a run would use.")
         elif completed and self.result_path is not None:
             self.result_model = load_checkpoint(self.result_path)
-            self.status.setText("Done. Compare the models below, then use or save the new one.")
+            worse = self.new_is_worse()
+            self.status.setText(
+                f"Done, but the new model is worse than the current one on the same validation data "
+                f"(balanced accuracy {worse[0]:.3f} against {worse[1]:.3f}); keep the current one unless "
+                "you have a reason." if worse else "Done. Compare the models below, then use or save the new one.")
         self._update_controls()
+
+    def new_is_worse(self) -> tuple[float, float] | None:
+        """(new, current) balanced accuracy when the new model is worse on the same validation data."""
+        c = self.compare
+        if c is None or c.current is None:
+            return None
+        new, cur = c.new["balanced_accuracy"], c.current["balanced_accuracy"]
+        return (new, cur) if new < cur else None
 
     # -- results ----------------------------------------------------------------------------
     @Slot()
     def use_model(self) -> None:
         if self.result_path is None:
+            return
+        worse = self.new_is_worse()
+        if worse and not self.confirm(
+                "Use a worse model?",
+                f"On the same validation data the new model's balanced accuracy is {worse[0]:.3f}, the "
+                f"current model's {worse[1]:.3f}. Use the new model anyway?"):
+            self.status.setText("Kept the current model.")
             return
         model = load_checkpoint(self.result_path)
         self.model_accepted.emit(model)

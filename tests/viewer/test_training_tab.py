@@ -85,6 +85,7 @@ def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_fold
     assert tab.counts_table.rowCount() >= 3  # the source and the train/val splits
     meta = load_checkpoint(tab.result_path).meta
     assert meta.provenance["sources"] == [f"patch folder {tiny_folder}"] and meta.provenance["init"]
+    tab.confirm = lambda title, text: True  # the user accepts, even if the new model were worse
     with qtbot.waitSignal(window.inference.heatmap_finished, timeout=120_000):
         tab.use_button.click()
     assert window.inference.model.path == tab.result_path
@@ -178,3 +179,27 @@ def test_model_regions_are_not_truth_until_a_person_confirms_or_edits_them(qtbot
     assert names == ["IDC region 1", "IDC region 2", "drawn"]
     store.undo()  # the confirmation is one undo step
     assert sorted(a.name for a in window._regions_source().annotations) == ["IDC region 1", "drawn"]
+
+
+def test_a_worse_model_needs_confirmation_and_a_cancelled_run_offers_only_its_own(qtbot, window: MainWindow,
+                                                                                  tiny_folder: Path) -> None:
+    tab = window.training
+    configure(tab, tiny_folder, epochs=1)
+    tab.freeze.setChecked(False)
+    tab.lr.setValue(0.5)  # a learning rate that wrecks the shipped model: certainly worse
+    with qtbot.waitSignal(tab.runner.finished, timeout=120_000):
+        tab.start()
+    assert tab.new_is_worse() is not None and "worse" in tab.status.text()
+    current = window.inference.model
+    asked: list[str] = []
+    tab.confirm = lambda title, text: asked.append(text) is not None and False  # the user says no
+    tab.use_button.click()
+    assert asked and window.inference.model is current and "Kept" in tab.status.text()
+    # A new run cancelled before its first epoch must not offer the previous run's checkpoint.
+    tab.lr.setValue(1e-3)
+    tab.epochs.setValue(30)
+    tab.samples.setValue(4096)
+    start_and_wait_for(qtbot, tab, StepReport)
+    tab.cancel()
+    assert tab.result_model is None and not tab.use_button.isEnabled()
+    assert "nothing to keep" in tab.status.text()
