@@ -156,7 +156,9 @@ class TrainingTab(QWidget):
         self.augment.setChecked(True)
         form.addRow(self.augment)
         self.split_by = QComboBox()
-        self.split_by.addItems(["patient or slide", "region (one slide)"])
+        self.split_by.addItems(["automatic", "patient or slide", "region (one slide)"])
+        self.split_by.setToolTip("Automatic: by region when the open slide's regions are the only data "
+                                 "(one slide cannot be split by slide), else by patient or slide")
         form.addRow("Validation split by", self.split_by)
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.05, 0.5)
@@ -291,7 +293,9 @@ class TrainingTab(QWidget):
         if self.use_regions.isChecked():
             regions = self._current_regions()
             if regions is not None and regions.annotations:
-                group_by = "region" if self.split_by.currentIndex() == 1 else "slide"
+                mode = self.split_by.currentIndex()
+                by_region = mode == 2 or (mode == 0 and not out)
+                group_by = "region" if by_region else "slide"
                 out.append(RegionSource(regions.slide_path, regions.annotations, regions.mpp, group_by))
         return tuple(out)
 

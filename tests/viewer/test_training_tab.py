@@ -135,7 +135,7 @@ def test_regions_of_the_open_slide_as_source(qtbot, window: MainWindow, tmp_path
               Annotation(shapely.box(1200, 1600, 1500, 1900), "IDC", "d"))
     tab = window.training
     tab.use_regions.setChecked(True)
-    tab.split_by.setCurrentIndex(1)  # by region: one slide
+    assert tab.split_by.currentText() == "automatic"  # one slide alone: split by region, no error
     sources = tab.sources()
     assert len(sources) == 1 and len(sources[0].annotations) == 4
     with qtbot.waitSignal(tab.runner.finished, timeout=60_000):
@@ -143,6 +143,8 @@ def test_regions_of_the_open_slide_as_source(qtbot, window: MainWindow, tmp_path
         assert tab.runner.running() and not tab.count_button.isEnabled()
     row = [tab.counts_table.item(0, c).text() for c in range(4)]
     assert row[0] == f"regions of {DEMO.name}"
+    splits = [tab.counts_table.item(r, 0).text() for r in range(tab.counts_table.rowCount())]
+    assert "split: train" in splits and "split: val" in splits  # what Start will do, said before Start
     assert int(row[1]) == 12 * 12 + 6 * 6 and int(row[2]) == 8 * 12 + 8 * 8  # 50 px cells inside the boxes
     assert int(row[3]) == 4
 
