@@ -77,13 +77,6 @@ def display_downsamples(width_l0: int, height_l0: int, tile: int = 256) -> list[
     return out
 
 
-def grid_shape(width_l0: int, height_l0: int, stride_l0: float, cell_l0: float) -> tuple[int, int]:
-    """(rows, cols) of cells of size ``cell_l0`` every ``stride_l0`` that fit inside the slide."""
-    cols = max(0, math.floor((width_l0 - cell_l0) / stride_l0 + 1e-9) + 1) if width_l0 >= cell_l0 else 0
-    rows = max(0, math.floor((height_l0 - cell_l0) / stride_l0 + 1e-9) + 1) if height_l0 >= cell_l0 else 0
-    return rows, cols
-
-
 def strided_cell_rect(row: int, col: int, stride_l0: float, cell_l0: float) -> Rect:
     """Level-0 rectangle of the cell at (row, col) of a strided grid from the origin."""
     x0, y0 = col * stride_l0, row * stride_l0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ import numpy as np
 from inference.atomic import atomic_path
 from inference.context import context_prob, context_radius
 from inference.patches import PatchGrid
+
+log = logging.getLogger(__name__)
 
 #: Colour maps as anchor colours from probability 0 to 1 (linearly interpolated).
 COLORMAPS: dict[str, list[tuple[int, int, int]]] = {
@@ -31,6 +34,11 @@ def colormap_lut(name: str, n: int = 256) -> np.ndarray:
     return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
 
 
+#: Bumped when the cell layout of a grid changes, so older cached heatmaps are not reused
+#: (2: partial cells at the right and bottom edges are computed).
+GRID_VERSION = 2
+
+
 @dataclass(frozen=True)
 class HeatmapInfo:
     """What produced a heatmap: enough to reuse it (cache key) and to place it on the slide."""
@@ -44,7 +52,7 @@ class HeatmapInfo:
     context_threshold: float | None = None  # decision threshold on the context map (not in the key)
 
     def key(self) -> str:
-        d = asdict(self)
+        d = {**asdict(self), "grid_version": GRID_VERSION}
         d.pop("threshold")
         d.pop("context_threshold")
         if not d["context_sigma"]:
@@ -183,10 +191,25 @@ class Heatmap:
             info = HeatmapInfo(meta["slide_fingerprint"], meta["model_id"], PatchGrid(**meta["grid"]),
                                meta["min_tissue"], meta.get("threshold", 0.5),
                                meta.get("context_sigma", 0.0), meta.get("context_threshold"))
+            if z["tissue"].shape != info.grid.patch_shape or z["sum"].shape != info.grid.cell_shape:
+                raise ValueError(f"{Path(path).name} does not match its grid (written by another version).")
             hm = cls(info, z["tissue"])
             hm.sum, hm.count = z["sum"], z["count"]
             hm.patch_done, hm.patch_prob = z["patch_done"], z["patch_prob"]
         return hm
+
+
+def load_cached(info: HeatmapInfo) -> Heatmap | None:
+    """The cached heatmap for these inputs (finished or not), or None; a bad cache file is ignored."""
+    path = cache_path(info)
+    if not path.exists():
+        return None
+    try:
+        hm = Heatmap.load(path)
+    except (OSError, ValueError, KeyError):
+        log.warning("ignoring unreadable cached heatmap %s", path, exc_info=True)
+        return None
+    return hm if hm.info.key() == info.key() else None
 
 
 def cache_path(info: HeatmapInfo) -> Path:

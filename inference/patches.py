@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from inference.errors import UserError
-from inference.geometry import Rect, grid_shape, strided_cell_rect
+from inference.geometry import Rect, strided_cell_rect
 
 
 class GridError(UserError, ValueError):
@@ -60,8 +60,16 @@ class PatchGrid:
 
     @property
     def patch_shape(self) -> tuple[int, int]:
-        """(rows, cols) of whole patches inside the slide."""
-        return grid_shape(self.slide_w_l0, self.slide_h_l0, self.stride_l0, self.patch_l0)
+        """(rows, cols) of patches: enough that every cell overlapping the slide is covered.
+
+        Patches at the right and bottom edges may reach past the slide; the reader pads the
+        outside with the slide's background colour, so edge strips are computed too.
+        """
+        def n(extent_l0: int) -> int:
+            cells = math.ceil(extent_l0 / self.stride_l0 - 1e-9) if extent_l0 > 0 else 0
+            return max(1, cells - self.k + 1) if cells else 0
+
+        return n(self.slide_h_l0), n(self.slide_w_l0)
 
     @property
     def cell_shape(self) -> tuple[int, int]:

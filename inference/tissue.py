@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from inference.patches import PatchGrid
@@ -51,14 +53,22 @@ def patch_tissue(slide: Slide, grid: PatchGrid, min_tissue: float = MIN_TISSUE) 
     box = (0.0, 0.0, w_cells * grid.stride_l0, h_cells * grid.stride_l0)
     rgb = slide.read_box(box, (max(1, out_w), max(1, out_h)))
     mask = tissue_pixels(rgb).astype(np.float32)
-    # Fraction of tissue per patch, by a box sum over PX_PER_PATCH x PX_PER_PATCH windows.
-    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    step = px
-    ys = np.round(np.arange(rows) * step).astype(int)
-    xs = np.round(np.arange(cols) * step).astype(int)
+    # Edge patches reach past the slide: their share of tissue is taken over the part on the slide.
+    on_slide = np.zeros(mask.shape, np.float32)
+    w_px = math.ceil(grid.slide_w_l0 / grid.stride_l0 * px)
+    h_px = math.ceil(grid.slide_h_l0 / grid.stride_l0 * px)
+    on_slide[:h_px, :w_px] = 1
+    ys = np.round(np.arange(rows) * px).astype(int)
+    xs = np.round(np.arange(cols) * px).astype(int)
     y1 = np.minimum(ys + PX_PER_PATCH, mask.shape[0])
     x1 = np.minimum(xs + PX_PER_PATCH, mask.shape[1])
-    s = (integral[y1[:, None], x1[None, :]] - integral[ys[:, None], x1[None, :]]
-         - integral[y1[:, None], xs[None, :]] + integral[ys[:, None], xs[None, :]])
-    area = (y1 - ys)[:, None] * (x1 - xs)[None, :]
-    return (s / np.maximum(area, 1)) >= min_tissue
+    tissue = _window_sums(mask, ys, y1, xs, x1)
+    area = _window_sums(on_slide, ys, y1, xs, x1)
+    return (tissue / np.maximum(area, 1)) >= min_tissue
+
+
+def _window_sums(a: np.ndarray, ys: np.ndarray, y1: np.ndarray, xs: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """Sums of ``a`` over the windows [ys, y1) x [xs, x1), by an integral image."""
+    integral = np.pad(a.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return (integral[y1[:, None], x1[None, :]] - integral[ys[:, None], x1[None, :]]
+            - integral[y1[:, None], xs[None, :]] + integral[ys[:, None], xs[None, :]])

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo, cache_path, colormap_lut
+from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo, cache_path, colormap_lut, load_cached
 from inference.model import LoadedModel, pick_device
 from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings, heatmap_info, plan, predict_slide
@@ -219,13 +219,8 @@ class InferencePanel(QWidget):
             info = heatmap_info(self.slide, self.model, self.settings)
         except GridError:
             return False
-        path = cache_path(info)
-        if not path.exists():
-            return False
-        try:
-            hm = Heatmap.load(path)
-        except (OSError, ValueError, KeyError):
-            log.warning("ignoring unreadable cached heatmap %s", path)
+        hm = load_cached(info)
+        if hm is None:
             return False
         self._show_heatmap(hm)
         self.progress.setRange(0, int(hm.tissue.sum()))

@@ -5,7 +5,6 @@ import pytest
 from inference.geometry import (
     Rect,
     best_level,
-    grid_shape,
     strided_cell_rect,
     tiles_in_view,
     to_level,
@@ -68,10 +67,18 @@ def test_visible_tiles_centre_first() -> None:
     assert list(tiles_in_view(Rect(-500, -500, 100, 100), 256, 4, 4)) == []
 
 
-def test_strided_grid() -> None:
-    assert grid_shape(1000, 500, 100, 100) == (5, 10)
-    assert grid_shape(1000, 500, 50, 100) == (9, 19)
-    assert grid_shape(99, 500, 50, 100) == (9, 0)
+def test_strided_grid_covers_the_edges() -> None:
+    from inference.patches import PatchGrid
+
+    def shape(w: int, h: int, stride: int | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+        g = PatchGrid.build((w, h), 1.0, 1.0, 100, stride)
+        return g.patch_shape, g.cell_shape
+
+    assert shape(1000, 500) == ((5, 10), (5, 10))  # exact multiples: no partial cells
+    assert shape(1050, 520) == ((6, 11), (6, 11))  # partial right and bottom strips are cells too
+    assert shape(1000, 500, 50) == ((9, 19), (10, 20))  # half-overlapping patches
+    assert shape(1010, 500, 50) == ((9, 20), (10, 21))
+    assert shape(99, 40) == ((1, 1), (1, 1))  # smaller than one patch: one padded patch
     assert strided_cell_rect(2, 3, 12.5, 25) == Rect(38, 25, 24, 25)
 
 

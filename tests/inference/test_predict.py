@@ -16,7 +16,7 @@ from inference.patches import GridError, PatchGrid
 from inference.predict import PredictSettings, plan, predict_slide
 from inference.slide import open_slide
 from inference.tiff_writer import write_pyramid_from_array
-from tests.conftest import DEMO, need_patches
+from tests.conftest import CMU_SVS, DEMO, need_patches
 from training.data import load_patch
 from training.loop import predict_patches
 from viewer.cli import main
@@ -169,3 +169,23 @@ def test_predict_cli_bad_slide_and_missing_mpp(tmp_path: Path, slide_no_mpp, cap
     assert main(["predict", str(bad), str(slide_no_mpp[0]), "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "x.svs" in err and "--mpp" in err and "Traceback" not in err
+
+
+def test_edge_cells_are_computed_with_the_outside_as_background(model: LoadedModel) -> None:
+    from inference.predict import read_patches
+
+    with open_slide(CMU_SVS) as slide:  # 2220 x 2967 px at 0.499 um/px: patches of 400.8 px
+        w0, h0 = slide.dimensions
+        hm = plan(slide, model, PredictSettings())
+        rows, cols = hm.grid.patch_shape
+        assert (rows, cols) == (8, 6)  # 7.4 x 5.5 patches: the partial strips are cells too
+        x0, y0, x1, y1 = hm.grid.patch_box(rows - 1, cols - 1)
+        assert x0 < w0 < x1 and y0 < h0 < y1
+        assert hm.tissue[-1, :].any()  # the bottom strip holds tissue (it was never computed)
+        list(predict_slide(slide, model, hm))
+        assert hm.complete and hm.patch_done[-1, :].sum() == hm.tissue[-1, :].sum() > 0
+        c = int(np.nonzero(hm.tissue[-1, :])[0][0])
+        patch = read_patches(slide, hm.grid, np.array([rows - 1]), np.array([c]))[0]
+        inside = int((h0 - y0) / hm.grid.scale)  # model pixels still on the slide
+        assert (patch[inside + 1 :] == slide.info.background).all()  # padded with the background
+        assert not (patch[: inside - 1] == 255).all()
