@@ -12,6 +12,8 @@ from inference.slide import Slide
 #: Pixels of the low-resolution image per patch side.
 PX_PER_PATCH = 8
 #: A patch is computed when at least this share of it is tissue.
+#: Edge patches need at least this share of their area on the slide.
+MIN_ON_SLIDE = 0.25
 MIN_TISSUE = 0.1
 
 
@@ -64,7 +66,9 @@ def patch_tissue(slide: Slide, grid: PatchGrid, min_tissue: float = MIN_TISSUE) 
     x1 = np.minimum(xs + PX_PER_PATCH, mask.shape[1])
     tissue = _window_sums(mask, ys, y1, xs, x1)
     area = _window_sums(on_slide, ys, y1, xs, x1)
-    return (tissue / np.maximum(area, 1)) >= min_tissue
+    # A patch mostly outside the slide shows the model too little tissue to judge: skip it.
+    enough_slide = area >= MIN_ON_SLIDE * PX_PER_PATCH * PX_PER_PATCH
+    return ((tissue / np.maximum(area, 1)) >= min_tissue) & enough_slide
 
 
 def _window_sums(a: np.ndarray, ys: np.ndarray, y1: np.ndarray, xs: np.ndarray, x1: np.ndarray) -> np.ndarray:
