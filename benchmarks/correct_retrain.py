@@ -22,13 +22,13 @@ import numpy as np
 import shapely
 
 from inference.annotations import Annotation
-from inference.model import load_checkpoint, shipped_model_path
+from inference.model import load_checkpoint
 from inference.predict import PredictSettings, plan, predict_slide
 from inference.slide import open_slide
 from inference.truth import agreement, cell_truth, labels_path, load_labels, truth_from_labels
+from resources import demo_slide_path, shipped_model_path
 from training.loop import FINE_TUNE
 from training.session import RegionSource, SessionConfig, run
-from viewer.app import demo_slide_path
 
 
 def heatmap(slide, model):  # noqa: ANN001, ANN201

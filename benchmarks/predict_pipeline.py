@@ -28,9 +28,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.synthetic import big_slide  # noqa: E402
-from inference.model import load_checkpoint, pick_device, shipped_model_path  # noqa: E402
+from inference.model import load_checkpoint, pick_device  # noqa: E402
 from inference.predict import PredictSettings, plan, predict_slide  # noqa: E402
 from inference.slide import open_slide  # noqa: E402
+from resources import shipped_model_path  # noqa: E402
 
 
 def pure_model_rate(model, device: torch.device, batch: int, kind: str, seconds: float = 8.0) -> float:  # noqa: ANN001

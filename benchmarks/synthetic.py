@@ -15,7 +15,7 @@ import numpy as np
 
 from inference.slide import open_slide, resize_rgb
 from inference.tiff_writer import write_pyramid
-from viewer.app import demo_slide_path
+from resources import demo_slide_path
 
 
 def cache_dir() -> Path:

@@ -16,10 +16,12 @@ from inference.annotation_io import dumps_geojson, read_file
 from inference.annotations import AnnotationError, AnnotationStore, regions_from_heatmap
 from inference.atomic import atomic_path, write_bytes
 from inference.export import export_regions
-from inference.heatmap import Heatmap, cache_path, load_cached
-from inference.model import load_checkpoint, pick_device, shipped_model_path
-from inference.predict import PredictSettings, heatmap_info, plan, predict_slide
+from inference.heatmap import Heatmap
+from inference.model import load_checkpoint, pick_device
+from inference.predict import BatchResult, PredictSettings
+from inference.session import Planned, infer
 from inference.slide import SlideError, open_slide
+from resources import shipped_model_path
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,17 @@ def run_predict(args: Any) -> int:
                       "pass --mpp UM.", file=sys.stderr)
                 failures += 1
                 continue
-            cached = None if args.no_cache else load_cached(heatmap_info(slide, model, settings))
-            heatmap = cached or plan(slide, model, settings)
-            total = int(heatmap.tissue.sum())
-            with tqdm(total=total, desc=Path(slide_path).name, unit="patch", file=sys.stderr) as bar:
-                bar.update(int((heatmap.patch_done & heatmap.tissue).sum()))
-                for batch in predict_slide(slide, model, heatmap, device, settings):
-                    bar.update(len(batch.rows))
-            heatmap.save(cache_path(heatmap.info))
+            heatmap = None
+            with tqdm(desc=Path(slide_path).name, unit="patch", file=sys.stderr) as bar:
+                for report in infer(slide, model, device, settings, read_cache=not args.no_cache):
+                    if isinstance(report, Planned):
+                        bar.reset(total=report.total)
+                        bar.update(report.resumed)
+                    elif isinstance(report, BatchResult):
+                        bar.update(len(report.rows))
+                    else:
+                        heatmap = report.heatmap
+            assert heatmap is not None
             paths = write_outputs(heatmap, out_dir, Path(slide_path).stem, mpp=slide.mpp,
                                   min_area_um2=args.min_area)
             print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)

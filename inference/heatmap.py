@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class Heatmap:
     has one and ``context`` is on (the default), else the raw per-patch map (``raw_prob``). Every
     consumer (colours, hover, regions, measurements, agreement) reads ``prob`` and so uses what
     the pathologist sees.
+
+    One heatmap per job: the inference thread adds batches, views read it. ``add`` and the
+    derived maps run under one lock, and derived maps are replaced, never changed in place, so
+    a reader always sees a consistent map.
     """
 
     def __init__(self, info: HeatmapInfo, tissue: np.ndarray) -> None:
@@ -80,6 +85,8 @@ class Heatmap:
         self._prob: np.ndarray | None = None
         self._context_prob: np.ndarray | None = None
         self._context = True
+        self._lock = threading.RLock()
+        self._writer = 0  # the run allowed to add (see claim)
 
     @property
     def grid(self) -> PatchGrid:
@@ -102,19 +109,22 @@ class Heatmap:
     @property
     def raw_prob(self) -> np.ndarray:
         """(rows, cols) float32 mean probability of the patches covering each cell, NaN if none."""
-        if self._prob is None:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                self._prob = np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan).astype(np.float32)
-        return self._prob
+        with self._lock:
+            if self._prob is None:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    self._prob = np.where(self.count > 0, self.sum / np.maximum(self.count, 1),
+                                          np.nan).astype(np.float32)
+            return self._prob
 
     @property
     def prob(self) -> np.ndarray:
         """(rows, cols) float32 probability of the map shown, NaN where not computed."""
         if not self.context:
             return self.raw_prob
-        if self._context_prob is None:
-            self._context_prob = context_prob(self.raw_prob, self.info.context_sigma)
-        return self._context_prob
+        with self._lock:
+            if self._context_prob is None:
+                self._context_prob = context_prob(self.raw_prob, self.info.context_sigma)
+            return self._context_prob
 
     @property
     def threshold(self) -> float:
@@ -142,16 +152,33 @@ class Heatmap:
     def complete(self) -> bool:
         return bool(self.patch_done[self.tissue].all())
 
-    def add(self, rows: np.ndarray, cols: np.ndarray, probs: np.ndarray) -> tuple[int, int, int, int]:
-        """Add patch results; returns the changed cell block (row0, col0, row1, col1), exclusive."""
+    def claim(self) -> int:
+        """Make the caller the one run that adds to this heatmap; an earlier run's adds are dropped.
+
+        A stopped job winds down within a batch on its own thread while a new job may already
+        resume the same heatmap: claiming keeps its last batch from landing twice.
+        """
+        with self._lock:
+            self._writer += 1
+            return self._writer
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, probs: np.ndarray,
+            writer: int | None = None) -> tuple[int, int, int, int] | None:
+        """Add patch results; returns the changed cell block (row0, col0, row1, col1), exclusive.
+
+        With ``writer`` (from :meth:`claim`), a superseded run's results are dropped (None).
+        """
         k = self.grid.k
-        self._prob = self._context_prob = None
-        self.patch_prob[rows, cols] = probs
-        self.patch_done[rows, cols] = True
-        for dr in range(k):
-            for dc in range(k):
-                np.add.at(self.sum, (rows + dr, cols + dc), probs)
-                np.add.at(self.count, (rows + dr, cols + dc), 1)
+        with self._lock:
+            if writer is not None and writer != self._writer:
+                return None
+            self._prob = self._context_prob = None
+            self.patch_prob[rows, cols] = probs
+            self.patch_done[rows, cols] = True
+            for dr in range(k):
+                for dc in range(k):
+                    np.add.at(self.sum, (rows + dr, cols + dc), probs)
+                    np.add.at(self.count, (rows + dr, cols + dc), 1)
         # The context map changes the neighbours too: widen the block by the kernel's reach.
         reach = context_radius(self.info.context_sigma) if self.context else 0
         n_rows, n_cols = self.count.shape
@@ -176,7 +203,7 @@ class Heatmap:
         g = self.grid
         meta = {**asdict(self.info), "cell_l0": g.stride_l0, "patch_l0": g.patch_l0,
                 "frame": "level-0 pixels; cell (row, col) covers [col*cell_l0, (col+1)*cell_l0) in x"}
-        with atomic_path(path) as tmp:
+        with self._lock, atomic_path(path) as tmp:
             np.savez_compressed(
                 tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
                 tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,

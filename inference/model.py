@@ -216,13 +216,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     return LoadedModel(net=net, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
 
 
-def shipped_model_path() -> Path:
-    """The model that ships with the app."""
-    from importlib.resources import files
-
-    return Path(str(files("resources") / "idc_wrn.pt"))
-
-
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA, then MPS, then CPU; an unavailable explicit choice is an error."""
     if name == "auto":

@@ -128,6 +128,7 @@ def predict_slide(
     device = torch.device(device)
     batch_size = settings.batch_size or (256 if device.type == "cuda" else 64)
     grid = heatmap.grid
+    writer = heatmap.claim()
     todo = heatmap.tissue & ~heatmap.patch_done
     blocks = _blocks(todo)
     total = int(heatmap.tissue.sum())
@@ -177,7 +178,9 @@ def predict_slide(
             cols = np.concatenate(buf_c)
             n = min(want, len(rows))
             probs = run(images[:n])
-            block = heatmap.add(rows[:n], cols[:n], probs)
+            block = heatmap.add(rows[:n], cols[:n], probs, writer)
+            if block is None:
+                return  # another run took this heatmap over
             done += n
             buf_img, buf_r, buf_c = [images[n:]], [rows[n:]], [cols[n:]]
             buffered = len(rows) - n

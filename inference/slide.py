@@ -6,6 +6,7 @@ choosing the pyramid level, reading, compositing over the background colour and 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -164,6 +165,15 @@ class _PlainImageBackend(_Backend):
         return out
 
 
+class _OpenFile:
+    """Reads in flight and the closed flag of one open file (shared by :meth:`Slide.with_mpp` copies)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.active = 0
+        self.closed = False
+
+
 class Slide:
     """An open slide. ``read`` is safe to call from several threads (OpenSlide is thread-safe,
     plain images are read-only arrays)."""
@@ -179,9 +189,7 @@ class Slide:
         suffix = self.path.suffix.lower()
         self._fingerprint: str | None = None
         self._backend: _Backend
-        self._reads = threading.Condition()
-        self._active_reads = 0
-        self._closed = False
+        self._file = _OpenFile()
         if suffix in PLAIN_SUFFIXES:
             self._backend = backend = _PlainImageBackend(self.path)
             level_dims = tuple((lv.shape[1], lv.shape[0]) for lv in backend.levels)
@@ -232,11 +240,21 @@ class Slide:
     def mpp(self) -> float | None:
         return self.info.mpp
 
-    def with_mpp(self, mpp: float) -> None:
-        """Set the resolution by hand (um per level-0 pixel) for slides that lack it."""
+    def with_mpp(self, mpp: float) -> Slide:
+        """The same slide at a resolution entered by hand (um per level-0 pixel).
+
+        Slides are immutable: this returns a new Slide that shares the open file (closing either
+        closes it), so whoever held the old one keeps a consistent view of it.
+        """
         if not (np.isfinite(mpp) and 0.01 <= mpp <= 100):
             raise SlideError(f"{mpp} um per pixel is not a plausible resolution (0.01 to 100).")
-        self.info = replace(self.info, mpp=float(mpp), mpp_from_file=False)
+        new = copy.copy(self)
+        new.info = replace(self.info, mpp=float(mpp), mpp_from_file=False)
+        return new
+
+    def shares_file(self, other: Slide) -> bool:
+        """True when ``other`` is this slide at another resolution (:meth:`with_mpp`): one open file."""
+        return self._file is other._file
 
     def fingerprint(self) -> str:
         """Stable id of the slide's content: size, file size and the first and last 1 MiB.
@@ -311,16 +329,17 @@ class Slide:
     @contextmanager
     def _reading(self) -> Iterator[None]:
         """Count a read in flight; a closed slide refuses new reads with one sentence."""
-        with self._reads:
-            if self._closed:
+        f = self._file
+        with f.cond:
+            if f.closed:
                 raise SlideError(f"{self.path.name} was closed.")
-            self._active_reads += 1
+            f.active += 1
         try:
             yield
         finally:
-            with self._reads:
-                self._active_reads -= 1
-                self._reads.notify_all()
+            with f.cond:
+                f.active -= 1
+                f.cond.notify_all()
 
     def _validate(self) -> None:
         last = len(self.info.level_dimensions) - 1
@@ -337,12 +356,13 @@ class Slide:
 
     def close(self) -> None:
         """Close the file once the reads in flight (from any thread) are done; later reads fail."""
-        with self._reads:
-            if self._closed:
+        f = self._file
+        with f.cond:
+            if f.closed:
                 return
-            self._closed = True
-            while self._active_reads:
-                self._reads.wait()
+            f.closed = True
+            while f.active:
+                f.cond.wait()
         self._backend.close()
 
     def __enter__(self) -> Slide:

@@ -27,7 +27,6 @@ from inference.model import (
     load_checkpoint,
     pick_device,
     save_checkpoint,
-    shipped_model_path,
 )
 from inference.slide import SlideError, open_slide
 from inference.slide_eval import (
@@ -39,6 +38,7 @@ from inference.slide_eval import (
     summary,
 )
 from inference.truth import Truth, TruthError, labels_path, load_truth
+from resources import shipped_model_path
 from training.augment import jpeg_batch
 from training.loop import evaluate_model
 from training.rebuild import rebuild_slides

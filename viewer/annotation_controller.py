@@ -25,6 +25,7 @@ from inference.heatmap import Heatmap
 from inference.slide import Slide, SlideError
 from viewer.annotation_layer import AnnotationLayer
 from viewer.annotation_panel import AnnotationPanel
+from viewer.session import SlideSession
 from viewer.slide_view import SlideView
 
 log = logging.getLogger(__name__)
@@ -38,57 +39,77 @@ class AnnotationController(QObject):
     error = Signal(str, str)  # title, one sentence
     message = Signal(str)
 
-    def __init__(self, view: SlideView, panel: AnnotationPanel, parent_widget: QWidget) -> None:
+    def __init__(self, session: SlideSession, view: SlideView, panel: AnnotationPanel,
+                 parent_widget: QWidget) -> None:
         super().__init__(parent_widget)
+        self.session = session
         self.view, self.panel, self.parent_widget = view, panel, parent_widget
-        self.slide: Slide | None = None
-        self.store: AnnotationStore | None = None
         self.layer: AnnotationLayer | None = None
-        self.heatmap: Heatmap | None = None
         self.save_path: Path | None = None
         self._dirty = False
         self._timer = QTimer(self, singleShot=True, interval=AUTOSAVE_DELAY_MS)
         self._timer.timeout.connect(self.save_now)
+        session.slide_closing.connect(self._on_session_slide_closing)
+        session.slide_changed.connect(self._on_session_slide_changed)
+        session.resolution_changed.connect(self._on_session_resolution_changed)
+        session.heatmap_changed.connect(self._on_session_heatmap_changed)
         view.geometry_drawn.connect(self._on_view_geometry_drawn)
         view.scene().selectionChanged.connect(self._on_scene_selection_changed)
         panel.selection_changed.connect(self._on_panel_selection_changed)
         panel.go_to.connect(self._on_panel_go_to)
         panel.visible_classes_changed.connect(self._on_panel_visible_classes_changed)
 
+    @property
+    def slide(self) -> Slide | None:
+        return self.session.slide
+
+    @property
+    def store(self) -> AnnotationStore | None:
+        return self.session.store
+
+    @property
+    def heatmap(self) -> Heatmap | None:
+        return self.session.heatmap
+
     # -- slide lifecycle --------------------------------------------------------------------
-    def set_slide(self, slide: Slide | None) -> None:
-        """Save and drop the previous slide's annotations; restore the new slide's autosave."""
+    @Slot()
+    def _on_session_slide_closing(self) -> None:
+        """Save the open slide's annotations and drop their layer."""
         self.save_now()
         if self.layer is not None:
             self.layer.detach()
         if self.store is not None:
             self.store.unsubscribe(self._on_store_changed)
-        self.slide, self.store, self.layer, self.save_path = slide, None, None, None
-        if slide is None:
-            self.panel.set_store(None, None)
+        self.layer, self.save_path = None, None
+        self.panel.set_store(None, None)
+
+    @Slot(object)
+    def _on_session_slide_changed(self, slide: Slide | None) -> None:
+        """Restore the new slide's autosave into the session's (new, empty) store."""
+        store = self.store
+        if slide is None or store is None:
             return
-        self.store = AnnotationStore()
         self.save_path = autosave_path(slide.path, slide.fingerprint())
         if self.save_path.exists():
             try:
-                result = read_file(self.save_path)
-                load_into(self.store, result)
-                self.store.clear_history()  # restoring is not an undoable edit
+                load_into(store, read_file(self.save_path))
+                store.clear_history()  # restoring is not an undoable edit
             except AnnotationError as exc:
                 self.error.emit("Annotations not restored", f"{exc} The file was left untouched.")
                 self.save_path = self.save_path.with_name(self.save_path.stem + ".recovered.geojson")
-        self.store.subscribe(self._on_store_changed)
-        self.layer = AnnotationLayer(self.view.scene(), self.store)
+        store.subscribe(self._on_store_changed)
+        self.layer = AnnotationLayer(self.view.scene(), store)
         self.layer.set_editable(self.view.tool_name == "select")
-        self.panel.set_store(self.store, slide.mpp)
+        self.panel.set_store(store, slide.mpp)
 
-    def set_heatmap(self, heatmap: Heatmap | None) -> None:
-        self.heatmap = heatmap
-        self.panel.set_heatmap(heatmap)
-
-    def set_mpp(self, mpp: float | None) -> None:
+    @Slot(object)
+    def _on_session_resolution_changed(self, slide: Slide) -> None:
         if self.store is not None:
-            self.panel.set_store(self.store, mpp)
+            self.panel.set_store(self.store, slide.mpp)
+
+    @Slot(object)
+    def _on_session_heatmap_changed(self, heatmap: Heatmap | None) -> None:
+        self.panel.set_heatmap(heatmap)
 
     def set_tool(self, name: str) -> None:
         self.view.set_tool(name)

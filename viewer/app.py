@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.resources import files
 from pathlib import Path
 
-DEMO_SLIDE = "demo_idc_8975.tif"
-
-
-def demo_slide_path() -> Path:
-    """The bundled breast IDC demo slide (patient 8975, rebuilt from real patches)."""
-    return Path(str(files("resources") / DEMO_SLIDE))
+from resources import demo_slide_path, shipped_model_path
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -25,7 +19,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def load_model(path: str | None):  # noqa: ANN201
     """The model to use: ``path`` or the shipped one; (model or None, error sentence or None)."""
-    from inference.model import ModelError, load_checkpoint, shipped_model_path
+    from inference.model import ModelError, load_checkpoint
 
     target = Path(path) if path else shipped_model_path()
     if not target.exists():

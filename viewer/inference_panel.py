@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal, Slot
@@ -22,32 +20,18 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo, cache_path, colormap_lut, load_cached
-from inference.model import LoadedModel, pick_device
+from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo, colormap_lut
+from inference.model import pick_device
 from inference.patches import GridError
-from inference.predict import BatchResult, PredictSettings, heatmap_info, plan, predict_slide
-from inference.slide import Slide
+from inference.predict import BatchResult, PredictSettings
+from inference.session import Finished, Planned, cached_heatmap, infer
 from inference.truth import Truth, TruthError, agreement, cell_truth, labels_path, load_truth
 from viewer.layers import HeatmapLayer, OutlineLayer
+from viewer.session import SlideSession
 from viewer.slide_view import SlideView
 from viewer.workers import JobRunner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Planned:
-    """First report of an inference job: the cells that will be computed."""
-
-    info: HeatmapInfo
-    tissue: np.ndarray
-
-
-def inference_job(slide: Slide, model: LoadedModel, settings: PredictSettings, device: str) -> Iterator[object]:
-    """The worker-thread generator: tissue mask first, then batches."""
-    heatmap = plan(slide, model, settings)
-    yield Planned(heatmap.info, heatmap.tissue.copy())
-    yield from predict_slide(slide, model, heatmap, pick_device(device), settings)
 
 
 class LegendBar(QWidget):
@@ -75,21 +59,21 @@ class LegendBar(QWidget):
 
 
 class InferencePanel(QWidget):
-    """Run, cancel and style the IDC heatmap of the open slide."""
+    """Run, cancel and style the IDC heatmap of the session's slide.
+
+    Jobs are :func:`inference.session.infer` generators on the panel's :class:`JobRunner`; the
+    heatmap a job fills is the one shown and the one the session publishes.
+    """
 
     mpp_needed = Signal()
     heatmap_finished = Signal(object)  # Heatmap, when a job completes
-    heatmap_changed = Signal(object)  # Heatmap or None: the heatmap shown changed or finished
     status_message = Signal(str)
 
-    def __init__(self, view: SlideView, model: LoadedModel | None, device: str = "auto",
-                 settings: PredictSettings | None = None) -> None:
+    def __init__(self, session: SlideSession, view: SlideView, settings: PredictSettings | None = None) -> None:
         super().__init__()
+        self.session = session
         self.view = view
-        self.model = model
-        self.device = device
         self.settings = settings or PredictSettings()
-        self.slide: Slide | None = None
         self.heatmap: Heatmap | None = None
         self.layer: HeatmapLayer | None = None
         self.truth: OutlineLayer | None = None
@@ -99,8 +83,16 @@ class InferencePanel(QWidget):
         self.runner.report.connect(self._on_runner_report)
         self.runner.failed.connect(self._on_runner_failed)
         self.runner.finished.connect(self._on_runner_finished)
+        session.slide_closing.connect(self._on_session_slide_closing)
+        session.slide_changed.connect(self._on_session_slide_changed)
+        session.resolution_changed.connect(self._on_session_resolution_changed)
+        session.model_changed.connect(self._on_session_model_changed)
         self._build()
         self._update_controls()
+
+    @property
+    def model(self):  # noqa: ANN201
+        return self.session.model
 
     # -- widgets ----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -168,7 +160,7 @@ class InferencePanel(QWidget):
     def _update_controls(self) -> None:
         running = self.runner.running()
         has_model = self.model is not None
-        self.run_button.setEnabled(has_model and self.slide is not None and not running
+        self.run_button.setEnabled(has_model and self.session.slide is not None and not running
                                    and not (self.heatmap is not None and self.heatmap.complete))
         self.cancel_button.setEnabled(running)
         self.truth_box.setEnabled(self.ground_truth is not None)
@@ -182,18 +174,21 @@ class InferencePanel(QWidget):
                 f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m), threshold {m.threshold:.2f}"
             )
 
-    # -- slide and model --------------------------------------------------------------------
-    def set_slide(self, slide: Slide | None) -> None:
-        """Forget the previous slide's heatmap (stopping its job) and show a cached one if any."""
+    # -- session ----------------------------------------------------------------------------
+    @Slot()
+    def _on_session_slide_closing(self) -> None:
         self.stop()
         self._remove_layers()
-        self.slide, self.heatmap = slide, None
         self.ground_truth, self._cell_labels = None, None
+
+    @Slot(object)
+    def _on_session_slide_changed(self, slide: object) -> None:
+        """Show the new slide's ground truth and cached heatmap, if any."""
         self.progress.reset()
         self.rate_label.setText("")
         self.agreement_label.setText("")
         if slide is not None:
-            lp = labels_path(slide.path)
+            lp = labels_path(self.session.slide.path)
             if lp.exists():
                 try:
                     self.ground_truth = load_truth(lp)
@@ -204,46 +199,62 @@ class InferencePanel(QWidget):
             self._on_truth_toggled(True)
         self._update_controls()
 
-    def set_model(self, model: LoadedModel) -> None:
-        """Switch model: the heatmap of the open slide is recomputed (or taken from the cache)."""
+    @Slot(object)
+    def _on_session_resolution_changed(self, _slide: object) -> None:
+        """A new resolution is a new grid: stop, and show the cached heatmap of that grid if any."""
         self.stop()
-        self.model = model
         self._remove_heatmap()
         self._load_cached()
         self._update_controls()
 
+    @Slot(object)
+    def _on_session_model_changed(self, _model: object) -> None:
+        """Another model: its heatmap of the open slide replaces this one (cached or recomputed)."""
+        was_shown = self.heatmap is not None or self.runner.running()
+        self.stop()
+        self._remove_heatmap()
+        self._load_cached()
+        if was_shown:
+            self.start()
+        self._update_controls()
+
     def _load_cached(self) -> bool:
-        if self.slide is None or self.model is None or self.slide.mpp is None:
+        slide, model = self.session.slide, self.session.model
+        if slide is None or model is None or slide.mpp is None:
             return False
         try:
-            info = heatmap_info(self.slide, self.model, self.settings)
+            hm = cached_heatmap(slide, model, self.settings)
         except GridError:
             return False
-        hm = load_cached(info)
         if hm is None:
             return False
         self._show_heatmap(hm)
-        self.progress.setRange(0, int(hm.tissue.sum()))
-        self.progress.setValue(int((hm.patch_done & hm.tissue).sum()))
-        self.rate_label.setText("Loaded from cache.")
+        self._show_progress(hm)
+        self.rate_label.setText("Loaded from cache." if hm.complete else
+                                "Partly computed earlier; Run resumes where it stopped.")
         self._update_agreement()
         return True
+
+    def _show_progress(self, hm: Heatmap) -> None:
+        self.progress.setRange(0, int(hm.tissue.sum()))
+        self.progress.setValue(int((hm.patch_done & hm.tissue).sum()))
 
     # -- running ----------------------------------------------------------------------------
     @Slot()
     def start(self) -> None:
         """Start (or resume) inference on the open slide."""
-        if self.slide is None or self.model is None or self.runner.running():
+        slide, model = self.session.slide, self.session.model
+        if slide is None or model is None or self.runner.running():
             return
-        if self.slide.mpp is None:
+        if slide.mpp is None:
             self.status_message.emit("Enter the slide's resolution (MPP) before running the model.")
             self.mpp_needed.emit()
             return
-        if self._load_cached() and self.heatmap is not None and self.heatmap.complete:
+        if self.heatmap is not None and self.heatmap.complete:
             return
-        slide, model, settings, device = self.slide, self.model, self.settings, self.device
-        self.runner.start(lambda: inference_job(slide, model, settings, device))
-        self.rate_label.setText("Finding tissue\u2026")
+        resume, settings, device = self.heatmap, self.settings, self.session.device
+        self.runner.start(lambda: infer(slide, model, pick_device(device), settings, resume=resume))
+        self.rate_label.setText("Finding tissue\u2026" if resume is None else "Resuming\u2026")
         self._update_controls()
 
     @Slot()
@@ -272,17 +283,20 @@ class InferencePanel(QWidget):
     @Slot(object)
     def _on_runner_report(self, report: object) -> None:
         if isinstance(report, Planned):
-            if self.heatmap is None or self.heatmap.info != report.info:
-                self._show_heatmap(Heatmap(report.info, report.tissue))
-            self.progress.setRange(0, int(report.tissue.sum()))
-            self.progress.setValue(int((self.heatmap.patch_done & report.tissue).sum()))
+            if report.heatmap is not self.heatmap:
+                self._show_heatmap(report.heatmap)
+            self._show_progress(report.heatmap)
             self.rate_label.setText("Computing\u2026")
-        elif isinstance(report, BatchResult) and self.heatmap is not None and self.layer is not None:
-            block = self.heatmap.add(report.rows, report.cols, report.probs)
-            self.layer.refresh(block)
+        elif isinstance(report, BatchResult) and self.layer is not None:
+            self.layer.refresh(report.block)
             self.progress.setValue(report.done)
             eta = "" if report.eta_s == float("inf") else f", ETA {report.eta_s:.0f} s"
             self.rate_label.setText(f"{report.patches_per_s:.0f} patches/s{eta}")
+        elif isinstance(report, Finished) and self.heatmap is not None:
+            self._show_progress(self.heatmap)
+            self.rate_label.setText(f"Done: {int(self.heatmap.tissue.sum())} tissue patches.")
+            self._update_agreement()
+            self.session.set_heatmap(self.heatmap)  # finished: measurements and regions follow
 
     @Slot(str)
     def _on_runner_failed(self, message: str) -> None:
@@ -292,16 +306,8 @@ class InferencePanel(QWidget):
     @Slot(bool)
     def _on_runner_finished(self, completed: bool) -> None:
         self._update_controls()
-        if not completed or self.heatmap is None:
-            return
-        try:
-            self.heatmap.save(cache_path(self.heatmap.info))
-        except OSError:
-            log.warning("could not cache the heatmap", exc_info=True)
-        self.rate_label.setText(f"Done: {int(self.heatmap.tissue.sum())} tissue patches.")
-        self._update_agreement()
-        self.heatmap_finished.emit(self.heatmap)
-        self.heatmap_changed.emit(self.heatmap)
+        if completed and self.heatmap is not None and self.heatmap.complete:
+            self.heatmap_finished.emit(self.heatmap)  # once the job's thread is gone
 
     # -- display ----------------------------------------------------------------------------
     def _show_heatmap(self, heatmap: Heatmap) -> None:
@@ -312,14 +318,14 @@ class InferencePanel(QWidget):
         self.view.scene().addItem(self.layer)
         self._on_style_changed()
         self.layer.setVisible(self.show_box.isChecked())
-        self.heatmap_changed.emit(heatmap)
+        self.session.set_heatmap(heatmap)
         self._update_controls()
 
     def _remove_heatmap(self) -> None:
         if self.layer is not None:
             self.view.scene().removeItem(self.layer)
         if self.heatmap is not None:
-            self.heatmap_changed.emit(None)
+            self.session.set_heatmap(None)
         self.layer, self.heatmap = None, None
 
     def _remove_layers(self) -> None:
@@ -349,7 +355,7 @@ class InferencePanel(QWidget):
         if self.layer is not None:
             self.layer.refresh()
         self._update_agreement()
-        self.heatmap_changed.emit(self.heatmap)  # regions and measurements follow the map shown
+        self.session.set_heatmap(self.heatmap)  # regions and measurements follow the map shown
 
     @Slot(bool)
     def _on_show_toggled(self, on: bool) -> None:

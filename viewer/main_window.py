@@ -30,15 +30,16 @@ from inference.geometry import Rect
 from inference.model import LoadedModel
 from inference.slide import Slide, SlideError, open_slide
 from inference.tiles import TileKey
-from training.session import RegionSource
+from resources import demo_slide_path
 from viewer.annotation_controller import AnnotationController
 from viewer.annotation_panel import AnnotationPanel
 from viewer.inference_panel import InferencePanel
 from viewer.layers import qimage_to_array
 from viewer.panels import MetadataPanel, OverviewPanel
+from viewer.session import SlideSession
 from viewer.slide_view import PRESETS, SlideView
 from viewer.tools import TOOLS
-from viewer.training_tab import TrainingTab, region_counts, regions_source
+from viewer.training_tab import TrainingTab
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,11 @@ MAX_RECENT = 10
 
 
 class MainWindow(QMainWindow):
-    """Owns the open slide; panels receive only what they display."""
+    """Assembles the session, the view and the panels, and builds the menus.
 
-    slide_opened = Signal(object)  # Slide
+    The open slide's state lives in :attr:`session`; every panel receives it and subscribes.
+    """
+
     error_shown = Signal(str)
 
     def __init__(self, settings: QSettings | None = None, interactive: bool = True,
@@ -61,10 +64,9 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("IDC Slide Viewer")
         self.settings = settings or QSettings("IDC Slide Viewer", "idc-viewer")
         self.interactive = interactive
-        self.slide: Slide | None = None
+        self.session = SlideSession(model, device, self)
         self.view = SlideView(self)
-        self.training = TrainingTab(lambda: self.inference.model, self._regions_source,
-                                    lambda: region_counts(self.annotations.store))
+        self.training = TrainingTab(self.session)
         if not interactive:
             self.training.confirm = lambda title, text: False  # no dialogs: never adopt a worse model
         self.tabs = QTabWidget()
@@ -75,9 +77,9 @@ class MainWindow(QMainWindow):
 
         self.overview = OverviewPanel()
         self.metadata = MetadataPanel()
-        self.inference = InferencePanel(self.view, model, device)
+        self.inference = InferencePanel(self.session, self.view)
         self.annotation_panel = AnnotationPanel()
-        self.annotations = AnnotationController(self.view, self.annotation_panel, self)
+        self.annotations = AnnotationController(self.session, self.view, self.annotation_panel, self)
         self._dock(self.overview, "Overview", "overview")
         self._dock(self.inference, "IDC heatmap", "inference")
         self._dock(self.annotation_panel, "Annotations", "annotations")
@@ -85,7 +87,9 @@ class MainWindow(QMainWindow):
         self.tabifyDockWidget(self.findChild(QDockWidget, "inference"), self.findChild(QDockWidget, "annotations"))
         self.tabifyDockWidget(self.findChild(QDockWidget, "annotations"), self.findChild(QDockWidget, "metadata"))
         self.findChild(QDockWidget, "inference").raise_()
-        self.inference.heatmap_changed.connect(self._on_inference_heatmap_changed)
+        self.session.slide_closing.connect(self._on_session_slide_closing)
+        self.session.slide_changed.connect(self._on_session_slide_changed)
+        self.session.resolution_changed.connect(self._on_session_resolution_changed)
         self.training.model_accepted.connect(self._on_training_model_accepted)
         self.annotations.error.connect(self.show_error)
         self.annotations.message.connect(self._on_inference_status_message)
@@ -223,24 +227,42 @@ class MainWindow(QMainWindow):
         self.remember_recent(Path(path))
         return True
 
+    @property
+    def slide(self) -> Slide | None:
+        return self.session.slide
+
     def set_slide(self, slide: Slide) -> None:
-        old = self.slide
-        self.inference.set_slide(None)  # stops inference on the old slide first
-        self.annotations.set_slide(None)  # saves the old slide's annotations
-        self.view.set_slide(slide)  # stops the old slide's tile reads
-        if old is not None:
-            old.close()
-        self.slide = slide
+        """Open an already opened slide (the session owns it from now on)."""
+        self.session.open(slide)
+
+    @Slot()
+    def _on_session_slide_closing(self) -> None:
+        self.view.clear_slide()  # stops the old slide's tile reads before its file closes
+
+    @Slot(object)
+    def _on_session_slide_changed(self, slide: Slide | None) -> None:
         self._tile_error_shown = False
-        self.setWindowTitle(f"{slide.path.name} \u2014 IDC Slide Viewer")
+        self.statusBar().clearMessage()  # the previous slide's messages are not about this one
+        self.pos_label.setText("")
         self.metadata.set_slide(slide)
+        if slide is None:
+            self.setWindowTitle("IDC Slide Viewer")
+            self._update_mag_actions()
+            return
+        self.setWindowTitle(f"{slide.path.name} \u2014 IDC Slide Viewer")
+        self.view.set_slide(slide)
         self.overview.set_thumbnail(slide.dimensions, None)
         self._update_mag_actions()
-        self.inference.set_slide(slide)
-        self.annotations.set_slide(slide)
-        self.slide_opened.emit(slide)
-        if self.view.tiles is not None:
+        if self.view.loader is not None:
             self.view.loader.tile_loaded.connect(self._on_loader_tile_loaded)
+
+    @Slot(object)
+    def _on_session_resolution_changed(self, slide: Slide) -> None:
+        self.view.slide = slide
+        self.metadata.set_slide(slide)
+        self._update_mag_actions()
+        self.view.viewport().update()
+        self._on_view_viewport_changed(self.view.view_rect_l0(), self.view.scale_factor)
 
     @Slot(object, object)
     def _on_loader_tile_loaded(self, key: TileKey, arr: np.ndarray) -> None:
@@ -271,8 +293,6 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def _on_open_demo_triggered(self) -> None:
-        from viewer.app import demo_slide_path
-
         self.open_path(demo_slide_path())
 
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
@@ -301,19 +321,10 @@ class MainWindow(QMainWindow):
 
     def set_mpp(self, mpp: float) -> None:
         """Set the slide's resolution by hand; everything physical follows it."""
-        if self.slide is None:
-            return
         try:
-            self.slide.with_mpp(mpp)
+            self.session.set_mpp(mpp)
         except SlideError as exc:
             self.show_error("Invalid resolution", str(exc))
-            return
-        self.metadata.set_slide(self.slide)
-        self.inference.set_slide(self.slide)
-        self.annotations.set_mpp(mpp)
-        self._update_mag_actions()
-        self.view.viewport().update()
-        self._on_view_viewport_changed(self.view.view_rect_l0(), self.view.scale_factor)
 
     def set_magnification(self, mag: float) -> None:
         scale = self.view.scale_for_magnification(mag)
@@ -353,19 +364,11 @@ class MainWindow(QMainWindow):
         self.pos_label.setText(text)
 
     @Slot(object)
-    def _on_inference_heatmap_changed(self, heatmap: object) -> None:
-        self.annotations.set_heatmap(heatmap)  # type: ignore[arg-type]
-
-    def _regions_source(self) -> RegionSource | None:
-        slide = self.slide
-        return regions_source(slide.path if slide else None, self.annotations.store, slide.mpp if slide else None)
-
-    @Slot(object)
     def _on_training_model_accepted(self, model: LoadedModel) -> None:
         """Switch the viewer to the fine-tuned model and recompute the open slide's heatmap."""
-        self.inference.set_model(model)
         self.tabs.setCurrentWidget(self.view)
         self.inference.show_box.setChecked(True)
+        self.session.set_model(model)
         self.inference.start()
 
     @Slot()
@@ -416,9 +419,5 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:
         self.training.shutdown()  # the only place that waits for background threads
         self.inference.shutdown()
-        self.annotations.set_slide(None)
-        self.view.clear_slide()
-        if self.slide is not None:
-            self.slide.close()
-            self.slide = None
+        self.session.open(None)  # saves the annotations, stops reads, closes the file
         super().closeEvent(event)

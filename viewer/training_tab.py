@@ -36,7 +36,8 @@ from PySide6.QtWidgets import (
 
 from inference.annotations import AnnotationStore
 from inference.atomic import write_bytes
-from inference.model import LoadedModel, ModelError, load_checkpoint, shipped_model_path
+from inference.model import LoadedModel, ModelError, load_checkpoint
+from resources import shipped_model_path
 from training.loop import FINE_TUNE, FINE_TUNE_VAL_FRACTION, DoneReport, EpochReport, StepReport
 from training.regions import DEFAULT_LABELS
 from training.session import (
@@ -47,6 +48,7 @@ from training.session import (
     SessionConfig,
     run,
 )
+from viewer.session import SlideSession
 from viewer.workers import JobRunner
 
 log = logging.getLogger(__name__)
@@ -59,13 +61,9 @@ class TrainingTab(QWidget):
 
     model_accepted = Signal(object)  # LoadedModel the user chose to use
 
-    def __init__(self, current_model: Callable[[], LoadedModel | None],
-                 current_regions: Callable[[], RegionSource | None],
-                 current_region_counts: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
+    def __init__(self, session: SlideSession) -> None:
         super().__init__()
-        self._current_model = current_model
-        self._current_regions = current_regions
-        self._current_region_counts = current_region_counts
+        self.session = session
         #: Asks the user a yes/no question (a dialog; the main window answers "no" when not interactive).
         self.confirm: Callable[[str, str], bool] = lambda title, text: QMessageBox.question(
             self, title, text) == QMessageBox.StandardButton.Yes
@@ -236,7 +234,7 @@ class TrainingTab(QWidget):
 
     def update_region_counts(self) -> None:
         """Say which of the open slide's regions are ground truth, per source."""
-        truth, model_only = self._current_region_counts()
+        truth, model_only = region_counts(self.session.store)
         text = f"{truth} region{'' if truth == 1 else 's'} drawn or confirmed by a person"
         if model_only:
             text += (f"; {model_only} model region{'' if model_only == 1 else 's'} not used as truth "
@@ -282,16 +280,21 @@ class TrainingTab(QWidget):
         data = self.start_model.currentData()
         if data:
             return str(data)
-        model = self._current_model()
+        model = self.session.model
         path = model.path if model is not None else None
         return str(path or shipped_model_path())
+
+    def region_source(self) -> RegionSource | None:
+        """The open slide's IDC / Non-IDC regions a person drew or confirmed, as a source."""
+        slide = self.session.slide
+        return regions_source(slide.path, self.session.store, slide.mpp) if slide is not None else None
 
     def sources(self) -> tuple[FolderSource | RegionSource, ...]:
         out: list[FolderSource | RegionSource] = [
             FolderSource(self.folder_list.item(i).text()) for i in range(self.folder_list.count())
         ]
         if self.use_regions.isChecked():
-            regions = self._current_regions()
+            regions = self.region_source()
             if regions is not None and regions.annotations:
                 mode = self.split_by.currentIndex()
                 by_region = mode == 2 or (mode == 0 and not out)

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 from inference.heatmap import Heatmap
-from inference.model import LoadedModel, load_checkpoint, shipped_model_path
+from inference.model import LoadedModel, load_checkpoint
 from inference.patches import GridError, PatchGrid
 from inference.predict import PredictSettings, plan, predict_slide
 from inference.slide import open_slide
 from inference.tiff_writer import write_pyramid_from_array
+from resources import shipped_model_path
 from tests.conftest import CMU_SVS, DEMO, need_patches
 from training.data import load_patch
 from training.loop import predict_patches

@@ -73,10 +73,14 @@ def test_no_mpp_slide_opens_and_accepts_user_mpp(slide_no_mpp) -> None:
         assert s.mpp is None
         with pytest.raises(SlideError, match="unknown"):
             s.read_at_mpp(Rect(0, 0, 100, 100), 4.0)
-        s.with_mpp(0.25)
-        assert s.mpp == 0.25 and not s.info.mpp_from_file
+        s2 = s.with_mpp(0.25)
+        assert s2.mpp == 0.25 and not s2.info.mpp_from_file
+        assert s.mpp is None  # slides are immutable: the old one keeps its (unknown) resolution
+        assert s2.shares_file(s) and s2.read(Rect(0, 0, 8, 8), (8, 8)).shape == (8, 8, 3)
         with pytest.raises(SlideError):
             s.with_mpp(-1)
+    with pytest.raises(SlideError, match="closed"):  # closing either closes the one file
+        s2.read(Rect(0, 0, 8, 8), (8, 8))
     with open_slide(path, mpp=0.5) as s:
         assert s.mpp == 0.5
 

@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from inference.geometry import Rect
-from inference.model import load_checkpoint, shipped_model_path
+from inference.model import load_checkpoint
 from inference.patches import PatchGrid
 from inference.slide import open_slide
 from inference.truth import cell_truth
+from resources import shipped_model_path
 from tests.conftest import need_patches
 from training.rebuild import DATA_MPP, patches_by_patient, rebuild_slides
 from viewer.cli import main

@@ -177,7 +177,7 @@ def test_regions_from_heatmap_button(qtbot, window: MainWindow) -> None:
     hm = Heatmap(HeatmapInfo(window.slide.fingerprint(), "m", grid, 0.1, 0.5), np.ones(grid.patch_shape, bool))
     rr, cc = np.nonzero(np.ones(grid.patch_shape, bool))
     hm.add(rr, cc, np.where((rr < 3) & (cc < 3), 0.9, 0.1).astype(np.float32))
-    window.annotations.set_heatmap(hm)
+    window.session.set_heatmap(hm)
     panel = window.annotation_panel
     panel.region_min_area.setValue(0.0)
     panel.regions_button.click()

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.model import load_checkpoint, shipped_model_path
+from inference.model import load_checkpoint
 from inference.predict import BatchResult, PredictSettings
+from resources import shipped_model_path
 from tests.conftest import CMU_SVS, DEMO
 from tests.viewer.conftest import show_window
 from viewer.main_window import MainWindow
@@ -105,7 +106,7 @@ def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWi
     from dataclasses import replace
 
     ctx_model = replace(model, meta=replace(model.meta, context_sigma=1.0, context_threshold=0.6))
-    window.inference.set_model(ctx_model)
+    window.session.set_model(ctx_model)
     assert window.open_path(CMU_SVS)
     with qtbot.waitSignal(window.inference.heatmap_finished, timeout=60_000):
         window.inference.start()
@@ -125,14 +126,14 @@ def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWi
     window._on_view_cursor_moved(rect.x + rect.w / 2, rect.y + rect.h / 2)
     assert window.pos_label.text().startswith(f"P(IDC) {raw[cell]:.2f}")
     # A model without context has nothing to toggle.
-    window.inference.set_model(model)
+    window.session.set_model(model)
     assert not panel.context_box.isEnabled()
 
 
 def test_switching_slides_50_times_mid_run_applies_no_stale_report(qtbot, window: MainWindow, slide_mpp) -> None:
     """Open, start, switch after a seeded random delay, 50 times: every report that reaches the
     panel belongs to the slide open at that moment, nothing crashes, no thread is left."""
-    from viewer.inference_panel import Planned
+    from inference.session import Planned
 
     rng = np.random.default_rng(11)
     slides = [DEMO, CMU_SVS, slide_mpp[0]]
@@ -142,15 +143,39 @@ def test_switching_slides_50_times_mid_run_applies_no_stale_report(qtbot, window
     for i in range(50):
         assert window.open_path(slides[i % len(slides)])
         panel.start()
-        qtbot.wait(int(rng.integers(0, 120)))
-    stale = [r for fp, r in delivered if isinstance(r, Planned) and r.info.slide_fingerprint != fp]
+        qtbot.wait(int(rng.integers(0, 400)))
+    stale = [r for fp, r in delivered if isinstance(r, Planned) and r.heatmap.info.slide_fingerprint != fp]
     assert not stale and sum(isinstance(r, Planned) for _, r in delivered) >= 10
     # Whatever the last job delivered after its plan is exactly what its heatmap holds.
     qtbot.waitUntil(lambda: not panel.runner.running(), timeout=120_000)
     last_plan = max(i for i, (_, r) in enumerate(delivered) if isinstance(r, Planned))
     done = sum(len(r.rows) for _, r in delivered[last_plan:] if isinstance(r, BatchResult))
     hm = panel.heatmap
-    assert hm is not None and hm.info.slide_fingerprint == window.slide.fingerprint()
-    assert int(hm.patch_done.sum()) == done
+    planned = delivered[last_plan][1]
+    assert hm is planned.heatmap and hm.info.slide_fingerprint == window.slide.fingerprint()
+    assert int(hm.patch_done.sum()) == planned.resumed + done
     window.close()
     assert panel.runner.threads() == 0
+
+
+def test_cancel_then_run_resumes_where_it_stopped(qtbot, window: MainWindow) -> None:
+    """Issue 13, item 7: progress went 352 -> 32 after a cancel; now the finished cells stay."""
+    from inference.session import Planned
+
+    panel = window.inference
+    panel.settings = PredictSettings(batch_size=4, first_batch=4)
+    assert window.open_path(CMU_SVS)
+    batches: list[BatchResult] = []
+    panel.runner.report.connect(lambda r: batches.append(r) if isinstance(r, BatchResult) else None)
+    panel.start()
+    qtbot.waitUntil(lambda: len(batches) >= 3, timeout=60_000)
+    panel.cancel()
+    qtbot.waitUntil(lambda: panel.runner.threads() == 0, timeout=10_000)  # it winds down within a batch
+    kept = int(panel.heatmap.patch_done.sum())
+    assert kept >= 12
+    plans: list[Planned] = []
+    panel.runner.report.connect(lambda r: plans.append(r) if isinstance(r, Planned) else None)
+    with qtbot.waitSignal(panel.heatmap_finished, timeout=60_000):
+        panel.start()
+    assert plans[0].resumed == kept and plans[0].heatmap is panel.heatmap
+    assert panel.heatmap.complete and panel.progress.value() == plans[0].total

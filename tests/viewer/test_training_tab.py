@@ -11,8 +11,9 @@ import torch
 from PySide6.QtCore import QThread
 
 from inference.annotations import Annotation
-from inference.model import load_checkpoint, shipped_model_path
+from inference.model import load_checkpoint
 from inference.predict import PredictSettings
+from resources import shipped_model_path
 from tests.conftest import DEMO, need_patches
 from tests.viewer.conftest import show_window
 from training.loop import EpochReport, StepReport
@@ -171,16 +172,16 @@ def test_model_regions_are_not_truth_until_a_person_confirms_or_edits_them(qtbot
     model_b = Annotation(shapely.box(700, 1900, 1100, 2300), "IDC", "IDC region 2", source="model")
     store.add(drawn, model_a, model_b)
     tab = window.training
-    assert [a.name for a in window._regions_source().annotations] == ["drawn"]  # the model's own output is not truth
+    assert [a.name for a in window.training.region_source().annotations] == ["drawn"]  # the model's own output is not truth
     window.tabs.setCurrentWidget(tab)
     assert tab.regions_label.text().startswith("1 region drawn or confirmed") and "2 model regions" in tab.regions_label.text()
     store.update(model_a.id, cls="Non-IDC")  # a person corrected it: now truth
     window.annotation_panel.table.selectRow([a.id for a in store.items].index(model_b.id))
     window.annotation_panel.confirm_button.click()  # accepted as it is
-    names = sorted(a.name for a in window._regions_source().annotations)
+    names = sorted(a.name for a in window.training.region_source().annotations)
     assert names == ["IDC region 1", "IDC region 2", "drawn"]
     store.undo()  # the confirmation is one undo step
-    assert sorted(a.name for a in window._regions_source().annotations) == ["IDC region 1", "drawn"]
+    assert sorted(a.name for a in window.training.region_source().annotations) == ["IDC region 1", "drawn"]
 
 
 def test_a_worse_model_needs_confirmation_and_a_cancelled_run_offers_only_its_own(qtbot, window: MainWindow,

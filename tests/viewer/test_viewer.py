@@ -225,6 +225,6 @@ def test_drop_a_slide_file_opens_it(qtbot, window: MainWindow) -> None:
     mime.setUrls([QUrl.fromLocalFile(str(CMU_SVS))])
     ev = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
                     Qt.KeyboardModifier.NoModifier)
-    with qtbot.waitSignal(window.slide_opened, timeout=5000):
+    with qtbot.waitSignal(window.session.slide_changed, timeout=5000):
         window.dropEvent(ev)
     assert window.slide.path == CMU_SVS
