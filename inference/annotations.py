@@ -71,19 +71,8 @@ class Annotation:
         """(mean IDC probability, share of cells at or above the model threshold) under the region."""
         if heatmap is None or self.geometry.area == 0:
             return None, None
-        grid = heatmap.grid
-        prob = heatmap.prob
-        minx, miny, maxx, maxy = self.geometry.bounds
-        rows, cols = prob.shape
-        c0, c1 = max(0, int(minx // grid.stride_l0)), min(cols, int(maxx // grid.stride_l0) + 1)
-        r0, r1 = max(0, int(miny // grid.stride_l0)), min(rows, int(maxy // grid.stride_l0) + 1)
-        if c1 <= c0 or r1 <= r0:
-            return None, None
-        rr, cc = np.mgrid[r0:r1, c0:c1]
-        xs = (cc + 0.5) * grid.stride_l0
-        ys = (rr + 0.5) * grid.stride_l0
-        inside = shapely.contains_xy(self.geometry, xs.ravel(), ys.ravel()).reshape(rr.shape)
-        p = prob[r0:r1, c0:c1][inside]
+        rr, cc = heatmap.grid.cells_with_centre_in(self.geometry)
+        p = heatmap.prob[rr, cc]
         p = p[np.isfinite(p)]
         if not len(p):
             return None, None
@@ -218,9 +207,8 @@ def regions_from_heatmap(heatmap: Heatmap, threshold: float, min_area_um2: float
     mask = np.nan_to_num(prob, nan=-1.0) >= threshold
     if not mask.any():
         return []
-    s = heatmap.grid.stride_l0
-    boxes = [shapely.box(c * s, r * s, (c + 1) * s, (r + 1) * s) for r, c in np.argwhere(mask)]
-    union = shapely.union_all(boxes).simplify(0)
+    rows, cols = np.nonzero(mask)
+    union = shapely.union_all(heatmap.grid.cell_boxes(rows, cols)).simplify(0)
     polys = list(getattr(union, "geoms", [union]))
     polys.sort(key=lambda p: -p.area)
     out = []

@@ -187,9 +187,8 @@ def _blend_heatmap(rgb: np.ndarray, heatmap: Heatmap, bbox: Rect, size: tuple[in
                    colormap: str) -> np.ndarray:
     """Alpha-blend the heatmap cells over a crop (nearest cell for each output pixel)."""
     w, h = size
-    s = heatmap.grid.stride_l0
-    xs = ((bbox.x + (np.arange(w) + 0.5) * bbox.w / w) // s).astype(int)
-    ys = ((bbox.y + (np.arange(h) + 0.5) * bbox.h / h) // s).astype(int)
+    xs = heatmap.grid.cell_index(bbox.x + (np.arange(w) + 0.5) * bbox.w / w)
+    ys = heatmap.grid.cell_index(bbox.y + (np.arange(h) + 0.5) * bbox.h / h)
     prob = heatmap.prob
     valid_x = (xs >= 0) & (xs < prob.shape[1])
     valid_y = (ys >= 0) & (ys < prob.shape[0])

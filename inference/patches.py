@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
+
 from inference.errors import UserError
 from inference.geometry import Rect, strided_cell_rect
 
@@ -97,3 +101,48 @@ class PatchGrid:
         rows, cols = self.cell_shape
         r, c = math.floor(y_l0 / self.stride_l0), math.floor(x_l0 / self.stride_l0)
         return (r, c) if 0 <= r < rows and 0 <= c < cols else None
+
+    # -- vectorised cell maths: the one owner of cell <-> level-0 conversions ------------------
+    def cell_index(self, v_l0: np.ndarray) -> np.ndarray:
+        """Row (or column) index of the cells containing level-0 coordinates ``v_l0`` (unclipped)."""
+        return np.floor(np.asarray(v_l0, np.float64) / self.stride_l0).astype(np.int64)
+
+    def cell_block_box(self, r0: int, c0: int, r1: int, c1: int) -> tuple[float, float, float, float]:
+        """Level-0 box (x0, y0, x1, y1) of the cell block rows r0..r1-1, cols c0..c1-1."""
+        s = self.stride_l0
+        return c0 * s, r0 * s, c1 * s, r1 * s
+
+    def cell_boxes(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Shapely boxes (level-0) of heatmap cells."""
+        s = self.stride_l0
+        return shapely.box(cols * s, rows * s, (cols + 1) * s, (rows + 1) * s)
+
+    def patch_boxes(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Shapely boxes (level-0) of patches: what the model saw."""
+        s, p = self.stride_l0, self.patch_l0
+        return shapely.box(cols * s, rows * s, cols * s + p, rows * s + p)
+
+    def cells_with_centre_in(self, geom: BaseGeometry) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of the heatmap cells whose centre lies inside a level-0 geometry."""
+        n_rows, n_cols = self.cell_shape
+        minx, miny, maxx, maxy = geom.bounds
+        s = self.stride_l0
+        c0, c1 = max(0, math.floor(minx / s - 0.5)), min(n_cols, math.ceil(maxx / s - 0.5) + 1)
+        r0, r1 = max(0, math.floor(miny / s - 0.5)), min(n_rows, math.ceil(maxy / s - 0.5) + 1)
+        if c1 <= c0 or r1 <= r0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rr, cc = np.mgrid[r0:r1, c0:c1]
+        inside = shapely.contains_xy(geom, ((cc + 0.5) * s).ravel(), ((rr + 0.5) * s).ravel())
+        return rr.ravel()[inside], cc.ravel()[inside]
+
+    def patches_touching(self, bounds_l0: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of every patch whose box may overlap the level-0 bounds (x0, y0, x1, y1)."""
+        n_rows, n_cols = self.patch_shape
+        minx, miny, maxx, maxy = bounds_l0
+        s, p = self.stride_l0, self.patch_l0
+        c0, r0 = max(0, math.floor((minx - p) / s)), max(0, math.floor((miny - p) / s))
+        c1, r1 = min(n_cols - 1, math.ceil(maxx / s)), min(n_rows - 1, math.ceil(maxy / s))
+        if c1 < c0 or r1 < r0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rr, cc = np.mgrid[r0 : r1 + 1, c0 : c1 + 1]
+        return rr.ravel(), cc.ravel()

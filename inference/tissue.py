@@ -52,7 +52,7 @@ def patch_tissue(slide: Slide, grid: PatchGrid, min_tissue: float = MIN_TISSUE) 
     # Read the area covered by the stride grid so each stride square is exactly px x px.
     w_cells, h_cells = cols + grid.k - 1, rows + grid.k - 1
     out_w, out_h = round(w_cells * px), round(h_cells * px)
-    box = (0.0, 0.0, w_cells * grid.stride_l0, h_cells * grid.stride_l0)
+    box = grid.cell_block_box(0, 0, h_cells, w_cells)
     rgb = slide.read_box(box, (max(1, out_w), max(1, out_h)))
     mask = tissue_pixels(rgb).astype(np.float32)
     # Edge patches reach past the slide: their share of tissue is taken over the part on the slide.

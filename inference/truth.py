@@ -117,16 +117,9 @@ def cell_truth(grid: PatchGrid, truth: Truth) -> tuple[np.ndarray, int]:
     """(rows, cols) int8 labels of heatmap cells (-1: not labelled) and the number of ambiguous cells."""
     shape = grid.cell_shape
     seen = np.zeros((2, *shape), bool)
-    s = grid.stride_l0
     for geom, lab in truth.regions:
-        minx, miny, maxx, maxy = geom.bounds
-        c0, c1 = max(0, int(np.floor(minx / s - 0.5))), min(shape[1], int(np.ceil(maxx / s - 0.5)) + 1)
-        r0, r1 = max(0, int(np.floor(miny / s - 0.5))), min(shape[0], int(np.ceil(maxy / s - 0.5)) + 1)
-        if c1 <= c0 or r1 <= r0:
-            continue
-        rr, cc = np.mgrid[r0:r1, c0:c1]
-        inside = shapely.contains_xy(geom, ((cc + 0.5) * s).ravel(), ((rr + 0.5) * s).ravel()).reshape(rr.shape)
-        seen[lab, r0:r1, c0:c1] |= inside
+        rr, cc = grid.cells_with_centre_in(geom)
+        seen[lab, rr, cc] = True
     both = seen[0] & seen[1]
     out = np.full(shape, -1, np.int8)
     out[seen[0]] = 0

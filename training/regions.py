@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,22 +24,15 @@ def region_cells(grid: PatchGrid, annotations: Sequence[Annotation], labels: Map
 
     A patch inside regions of both classes is dropped (conflicting labels).
     """
-    rows_max, cols_max = grid.patch_shape
     found: dict[tuple[int, int], tuple[int, str]] = {}
     conflicts: set[tuple[int, int]] = set()
     for a in annotations:
         if a.cls not in labels or a.geometry.geom_type not in ("Polygon", "MultiPolygon"):
             continue
-        minx, miny, maxx, maxy = a.geometry.bounds
-        c0 = max(0, math.floor((minx - grid.patch_l0) / grid.stride_l0))
-        r0 = max(0, math.floor((miny - grid.patch_l0) / grid.stride_l0))
-        c1 = min(cols_max - 1, math.ceil(maxx / grid.stride_l0))
-        r1 = min(rows_max - 1, math.ceil(maxy / grid.stride_l0))
-        if c1 < c0 or r1 < r0:
+        rr, cc = grid.patches_touching(a.geometry.bounds)
+        if not len(rr):
             continue
-        rr, cc = np.mgrid[r0 : r1 + 1, c0 : c1 + 1]
-        boxes = shapely.box(cc * grid.stride_l0, rr * grid.stride_l0,
-                            cc * grid.stride_l0 + grid.patch_l0, rr * grid.stride_l0 + grid.patch_l0)
+        boxes = grid.patch_boxes(rr, cc)
         cover = shapely.area(shapely.intersection(boxes, a.geometry)) / (grid.patch_l0**2)
         for r, c in zip(rr[cover >= min_cover].tolist(), cc[cover >= min_cover].tolist(), strict=True):
             label = labels[a.cls]

@@ -138,8 +138,8 @@ class HeatmapLayer(QGraphicsItem):
 
     def boundingRect(self) -> QRectF:
         rows, cols = self.heatmap.grid.cell_shape
-        s = self.heatmap.grid.stride_l0
-        return QRectF(0, 0, cols * s, rows * s)
+        x0, y0, x1, y1 = self.heatmap.grid.cell_block_box(0, 0, rows, cols)
+        return QRectF(x0, y0, x1 - x0, y1 - y0)
 
     def refresh(self, block: tuple[int, int, int, int] | None = None) -> None:
         """Rebuild the image after new cells (GUI thread); repaint only ``block`` if given."""
@@ -151,9 +151,8 @@ class HeatmapLayer(QGraphicsItem):
         if block is None:
             self.update()
         else:
-            r0, c0, r1, c1 = block
-            s = self.heatmap.grid.stride_l0
-            self.update(QRectF(c0 * s, r0 * s, (c1 - c0) * s, (r1 - r0) * s))
+            x0, y0, x1, y1 = self.heatmap.grid.cell_block_box(*block)
+            self.update(QRectF(x0, y0, x1 - x0, y1 - y0))
 
     def paint(self, painter: QPainter, option: QStyleOptionGraphicsItem, widget: QWidget | None = None) -> None:
         if self._image.isNull():
