@@ -18,10 +18,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from inference.model import Architecture, WideResNet, pick_device
+from inference.model import Architecture, ModelMeta, WideResNet, pick_device
 from training.data import load_folder, split_groups
 from training.loop import StepReport, TrainConfig, fit, predict_patches
-from training.session import model_meta_for
 
 PATCHES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "idc_patches"
 
@@ -90,7 +89,7 @@ def main() -> int:
 
     infer_batch = 256 if device.type == "cuda" else 64
     pure_inf = pure_infer_rate(arch, device, infer_batch, args.seconds)
-    meta = model_meta_for(TrainConfig(out="", arch=arch))
+    meta = ModelMeta(arch=arch, mpp=TrainConfig.mpp)
     net = WideResNet(arch).to(device).eval()
     imgs = val.images[:4096]
     predict_patches(net, meta, imgs[:infer_batch], device)

@@ -5,6 +5,7 @@ Stopping early is closing the generator; the best checkpoint so far is already o
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -116,7 +117,7 @@ def predict_patches(
 
 def evaluate_model(model: LoadedModel, data: PatchSet, device: torch.device) -> dict[str, Any]:
     """Metrics of a model on patches, patch-level and patient-weighted, at its threshold."""
-    p = predict_patches(model.net, model.meta, data.images, device)
+    p = predict_patches(model.net.to(device), model.meta, data.images, device)
     return metrics_report(data, p, model.meta.threshold)
 
 
@@ -137,8 +138,13 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     return mean, std
 
 
-def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[str, Any] | None = None) -> Iterator[Report]:
-    """Train and yield reports; the best model (val balanced accuracy) is saved to ``config.out``."""
+def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[str, Any] | None = None,
+        start: LoadedModel | None = None) -> Iterator[Report]:
+    """Train and yield reports; the best model (val balanced accuracy) is saved to ``config.out``.
+
+    ``start`` is the loaded model named by ``config.init`` when the caller has it already (the
+    GUI's model in use); its weights are copied, never changed.
+    """
     if len(train) == 0 or len(val) == 0:
         raise ValueError("training and validation data must both be non-empty")
     if config.num_threads:
@@ -148,8 +154,8 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     gen = torch.Generator()
 
     if config.init:
-        start = load_checkpoint(config.init)
-        net: WideResNet = start.net
+        start = start or load_checkpoint(config.init)
+        net: WideResNet = copy.deepcopy(start.net).cpu()
         meta = replace(start.meta, provenance={}, metrics={})
     else:
         mean, std = channel_stats(train.images)
@@ -202,6 +208,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     acquisition = AcquisitionConfig() if config.jpeg_augment else None
     t0 = time.perf_counter()
     stopped_early = False
+    best_val: dict[str, Any] = {}
     for epoch in range(start_epoch, config.epochs):
         net.train()
         if config.freeze_trunk:  # keep frozen batch-norm statistics fixed too
@@ -253,6 +260,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
                 provenance={**(provenance or {}), "config": _config_dict(config), "history": history},
             )
             save_checkpoint(out, eval_net, best_meta)
+            best_val = report["patient_weighted"]
         state = {
             "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
             "epoch": epoch + 1, "best_score": best_score, "best_epoch": best_epoch,
@@ -268,8 +276,9 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         if epoch + 1 - best_epoch >= config.patience:
             stopped_early = True
             break
-    final = load_checkpoint(out)
-    yield DoneReport(str(out), best_epoch, final.meta.metrics["validation"]["patient_weighted"], stopped_early)
+    if not best_val:  # resumed after the last best epoch: its metrics are in the checkpoint
+        best_val = load_checkpoint(out).meta.metrics["validation"]["patient_weighted"]
+    yield DoneReport(str(out), best_epoch, best_val, stopped_early)
 
 
 def _bce(p: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from inference.annotations import Annotation
-from inference.model import ModelMeta, load_checkpoint, pick_device
+from inference.model import LoadedModel, ModelMeta, load_checkpoint, pick_device
 from inference.slide import open_slide
 from training.data import PatchSet, load_folder, split_groups
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model, fit
@@ -58,6 +58,15 @@ class SessionConfig:
     test_fraction: float = 0.0
     compare_with: str | None = None  # the model in use, compared on the same validation data
     split_from: str | None = None  # reuse this checkpoint's validation and test patients
+    #: Already loaded models by path (the GUI's model in use), so none is read from disk twice.
+    loaded: tuple[LoadedModel, ...] = ()
+
+    def model(self, path: str) -> LoadedModel:
+        """The model at ``path``: the loaded one when the caller passed it, else read once."""
+        for m in self.loaded:
+            if m.path is not None and str(m.path) == str(path):
+                return m
+        return load_checkpoint(path)
 
 
 @dataclass(frozen=True)
@@ -78,13 +87,14 @@ class CompareReport:
     new: dict[str, float]
     current: dict[str, float] | None
     test: dict[str, Any] | None = field(default=None)
+    model: LoadedModel | None = field(default=None, compare=False)  # the new model, loaded once
 
 
-def model_meta_for(config: TrainConfig) -> ModelMeta:
+def model_meta_for(config: SessionConfig) -> ModelMeta:
     """Working resolution and patch size used to cut regions: the start model's, else defaults."""
-    if config.init:
-        return load_checkpoint(config.init).meta
-    return ModelMeta(arch=config.arch, mpp=config.mpp)
+    if config.train.init:
+        return config.model(config.train.init).meta
+    return ModelMeta(arch=config.train.arch, mpp=config.train.mpp)
 
 
 def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> tuple[PatchSet, dict[str, dict[str, int]]]:
@@ -142,7 +152,7 @@ def split(data: PatchSet, val: float, test: float, seed: int,
 def prepare(config: SessionConfig) -> tuple[DataReport, PatchSet, PatchSet, PatchSet]:
     """Load the sources and split them: what a run would train, validate and test on."""
     t0 = time.perf_counter()
-    meta = model_meta_for(config.train)
+    meta = model_meta_for(config)
     data, by_source = load_sources(config.sources, meta, config.train.seed)
     if len(data) == 0:
         raise ValueError("No training patches were found in the chosen sources.")
@@ -176,7 +186,8 @@ def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport
         "split_from": config.split_from,
     }
     done: DoneReport | None = None
-    for report in fit(config.train, train, val, provenance):
+    start = config.model(config.train.init) if config.train.init else None
+    for report in fit(config.train, train, val, provenance, start):
         if isinstance(report, DoneReport):
             done = report
         yield report
@@ -185,6 +196,6 @@ def run(config: SessionConfig) -> Iterator[DataReport | StepReport | EpochReport
     new = load_checkpoint(done.checkpoint, device)
     current = None
     if config.compare_with:
-        current = evaluate_model(load_checkpoint(config.compare_with, device), val, device)["patient_weighted"]
+        current = evaluate_model(config.model(config.compare_with), val, device)["patient_weighted"]
     test_metrics = evaluate_model(new, test, device) if len(test) else None
-    yield CompareReport(evaluate_model(new, val, device)["patient_weighted"], current, test_metrics)
+    yield CompareReport(evaluate_model(new, val, device)["patient_weighted"], current, test_metrics, new)

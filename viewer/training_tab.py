@@ -304,10 +304,15 @@ class TrainingTab(QWidget):
 
     def config(self) -> SessionConfig:
         start = self._start_path()
-        meta = load_checkpoint(start).meta
+        current = self.session.model
+        # The model in use is passed as it is, not read from disk again (a run read it 7 times).
+        in_use = current is not None and current.path is not None and str(current.path) == start
+        start_model = current if in_use else load_checkpoint(start)
+        assert start_model is not None
+        meta = start_model.meta
         train = replace(
             FINE_TUNE,
-            out=str(self._workdir / "fine_tuned.pt"),
+            out=self.config_out(),
             arch=meta.arch,
             epochs=self.epochs.value(),
             samples_per_epoch=self.samples.value(),
@@ -320,7 +325,8 @@ class TrainingTab(QWidget):
             augment=self.augment.isChecked(),
             mpp=meta.mpp,
         )
-        return SessionConfig(self.sources(), train, self.val_fraction.value(), 0.0, compare_with=start)
+        return SessionConfig(self.sources(), train, self.val_fraction.value(), 0.0, compare_with=start,
+                             loaded=(start_model,))
 
     @Slot()
     def count(self) -> None:
@@ -436,6 +442,7 @@ class TrainingTab(QWidget):
             self.result_path = Path(report.checkpoint)
         elif isinstance(report, CompareReport):
             self.compare = report
+            self.result_model = report.model
             for r, key in enumerate(METRIC_KEYS):
                 self.compare_table.setItem(r, 0, QTableWidgetItem(f"{report.new[key]:.3f}"))
                 cur = "\u2014" if report.current is None else f"{report.current[key]:.3f}"
@@ -451,8 +458,7 @@ class TrainingTab(QWidget):
             self._counting = False
             if completed:
                 self.status.setText("Counted; the table shows the split a run would use.")
-        elif completed and self.result_path is not None:
-            self.result_model = load_checkpoint(self.result_path)
+        elif completed and self.result_model is not None:
             worse = self.new_is_worse()
             self.status.setText(
                 f"Done, but the new model is worse than the current one on the same validation data "
@@ -480,7 +486,7 @@ class TrainingTab(QWidget):
                 f"current model's {worse[1]:.3f}. Use the new model anyway?"):
             self.status.setText("Kept the current model.")
             return
-        model = load_checkpoint(self.result_path)
+        model = self.result_model or load_checkpoint(self.result_path)
         self.model_accepted.emit(model)
         self.status.setText(f"Using {model.model_id}; the heatmap of the open slide is being recomputed.")
 

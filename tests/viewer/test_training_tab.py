@@ -66,7 +66,19 @@ def start_and_wait_for(qtbot, tab, kind: type) -> QThread:
     return tab.runner.thread
 
 
-def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_folder: Path, tmp_path: Path) -> None:
+def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_folder: Path, tmp_path: Path,
+                                            monkeypatch) -> None:
+    import inference.model as model_module
+
+    reads: list[Path] = []
+    real_load = model_module.load_checkpoint
+
+    def counting_load(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        reads.append(Path(path))
+        return real_load(path, *args, **kwargs)
+
+    for module in ("training.loop", "training.session", "viewer.training_tab"):
+        monkeypatch.setattr(f"{module}.load_checkpoint", counting_load)
     slide = tmp_path / DEMO.name
     shutil.copy(DEMO, slide)
     assert window.open_path(slide)
@@ -79,6 +91,8 @@ def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_fold
     with qtbot.waitSignal(tab.runner.finished, timeout=120_000):
         tab.start()
     assert len(epochs) == 2 and len(steps) == 4
+    # Models pass as loaded objects: the model in use is never read again, the new one once.
+    assert reads == [tab.result_path], reads
     assert len(tab.train_curve.getData()[0]) == 2 and len(tab.step_curve.getData()[0]) == 4
     assert tab.epoch_table.rowCount() == 2
     assert tab.compare is not None and tab.compare.current is not None
