@@ -11,11 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import shapely
 from shapely.geometry import mapping, shape
 
 from inference.annotations import Annotation, AnnotationClass, AnnotationError, AnnotationStore
 from inference.atomic import write_bytes
+from inference.slide import MAX_SIDE_L0
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ def parse_geojson(data: bytes | str, source_name: str = "file") -> ImportResult:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise AnnotationError(f"{source_name} is not valid JSON.") from exc
+    except RecursionError as exc:  # hostile nesting
+        raise AnnotationError(f"{source_name} is nested too deeply to be an annotation file.") from exc
     if isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
         features = obj.get("features")
     elif isinstance(obj, dict) and obj.get("type") == "Feature":
@@ -93,6 +97,9 @@ def parse_geojson(data: bytes | str, source_name: str = "file") -> ImportResult:
         if geom.is_empty:
             skipped.append(f"feature {i}: empty geometry")
             continue
+        if not _plausible(shapely.get_coordinates(geom)):
+            skipped.append(f"feature {i}: coordinates that are not finite or lie far outside any slide")
+            continue
         if gtype in ("Polygon", "MultiPolygon") and not geom.is_valid:
             geom = shapely.make_valid(geom)
         props = feat.get("properties") or {}
@@ -110,6 +117,16 @@ def parse_geojson(data: bytes | str, source_name: str = "file") -> ImportResult:
         out.append(Annotation(geometry=geom, cls=cls_name, name=str(props.get("name") or ""),
                               note=str(props.get("note") or ""), source=source, **kwargs))
     return ImportResult(out, list(classes.values()), skipped)
+
+
+#: Level-0 coordinates beyond this magnitude lie outside any slide we open (10x its largest side).
+MAX_COORD_L0 = 10 * MAX_SIDE_L0
+
+
+def _plausible(xy: Any) -> bool:
+    """Finite coordinates that can lie on a slide (hostile files carry NaN or 1e300)."""
+    a = np.asarray(xy, np.float64)
+    return bool(np.isfinite(a).all() and (np.abs(a) <= MAX_COORD_L0).all())
 
 
 # -- ASAP XML -------------------------------------------------------------------------------
@@ -181,6 +198,8 @@ def parse_asap(data: bytes | str, source_name: str = "file") -> ImportResult:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise AnnotationError(f"{source_name} is not valid XML.") from exc
+    except RecursionError as exc:
+        raise AnnotationError(f"{source_name} is nested too deeply to be an annotation file.") from exc
     if root.tag != "ASAP_Annotations":
         raise AnnotationError(f"{source_name} is not an ASAP annotation file.")
     classes = {}
@@ -198,6 +217,9 @@ def parse_asap(data: bytes | str, source_name: str = "file") -> ImportResult:
             skipped.append(f"annotation {i}: bad coordinates")
             continue
         xy = [(x, y) for _o, x, y in pts]
+        if not _plausible(xy):
+            skipped.append(f"annotation {i}: coordinates that are not finite or lie far outside any slide")
+            continue
         atype = el.get("Type", "Polygon")
         if atype in ("Polygon", "Rectangle", "Spline") and len(xy) >= 3:
             geom = shapely.Polygon(xy)
@@ -224,15 +246,23 @@ def parse_asap(data: bytes | str, source_name: str = "file") -> ImportResult:
 
 
 def read_file(path: str | os.PathLike[str]) -> ImportResult:
-    """Import GeoJSON (.geojson/.json) or ASAP XML (.xml); one-sentence errors."""
+    """Import GeoJSON (.geojson/.json) or ASAP XML (.xml); one-sentence errors.
+
+    A file with shapes none of which can be used is an error (naming the first reason); a file
+    with no shapes at all is not (an empty export).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise AnnotationError(f"{path.name} cannot be read.") from exc
     if path.suffix.lower() == ".xml" or data.lstrip().startswith(b"<"):
-        return parse_asap(data, path.name)
-    return parse_geojson(data, path.name)
+        result = parse_asap(data, path.name)
+    else:
+        result = parse_geojson(data, path.name)
+    if result.skipped and not result.annotations:
+        raise AnnotationError(f"{path.name} holds no annotation that can be used ({result.skipped[0]}).")
+    return result
 
 
 # -- autosave -------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def run_predict(args: Any) -> int:
     model = load_checkpoint(args.model or shipped_model_path(), device)
     settings = PredictSettings(stride_px=args.stride, batch_size=args.batch_size)
     out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails now, not after the work
     failures = 0
     for slide_path in args.slides:
         try:

@@ -188,6 +188,11 @@ def _run_headless(args: argparse.Namespace) -> int:
         logging.getLogger("idc-viewer").debug("command failed", exc_info=True)
         print(f"idc-viewer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unreadable input or an unwritable output folder
+        logging.getLogger("idc-viewer").debug("command failed", exc_info=True)
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"idc-viewer {args.command}: error: cannot use{where} ({exc.strerror or exc}).", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"idc-viewer {args.command}: interrupted", file=sys.stderr)
         return 130
