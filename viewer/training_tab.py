@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import (
@@ -49,6 +48,7 @@ from training.session import (
     run,
 )
 from viewer.session import SlideSession
+from viewer.training_curves import TrainingCurves
 from viewer.workers import JobRunner
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,6 @@ class TrainingTab(QWidget):
         self.result_path: Path | None = None
         self.result_model: LoadedModel | None = None
         self.compare: CompareReport | None = None
-        self._step_x: list[float] = []
-        self._step_loss: list[float] = []
-        self._epochs: list[EpochReport] = []
         self._build()
         self._update_controls()
 
@@ -187,32 +184,8 @@ class TrainingTab(QWidget):
         rv = QVBoxLayout(right)
         split.addWidget(right)
         split.setStretchFactor(1, 2)
-        pg.setConfigOptions(antialias=True, background="w", foreground="k")
-        self.loss_plot = pg.PlotWidget(title="Loss")
-        self.loss_plot.addLegend()
-        self.loss_plot.setLabel("bottom", "epoch")
-        self.loss_plot.getAxis("bottom").enableAutoSIPrefix(False)  # never "epoch (x0.001)"
-        self.step_curve = self.loss_plot.plot(pen=pg.mkPen((150, 150, 220), width=1), name="train (batches)")
-        self.train_curve = self.loss_plot.plot(pen=pg.mkPen((30, 60, 200), width=2), symbol="o", symbolSize=6,
-                                               name="train")
-        self.val_curve = self.loss_plot.plot(pen=pg.mkPen((220, 60, 30), width=2), symbol="s", symbolSize=6,
-                                             name="validation")
-        rv.addWidget(self.loss_plot)
-        self.metric_plot = pg.PlotWidget(title="Validation")
-        self.metric_plot.addLegend()
-        self.metric_plot.setLabel("bottom", "epoch")
-        self.metric_plot.getAxis("bottom").enableAutoSIPrefix(False)
-        self.metric_plot.setYRange(0.4, 1.0)
-        self.bacc_curve = self.metric_plot.plot(pen=pg.mkPen((20, 140, 60), width=2), symbol="o", symbolSize=6,
-                                                name="balanced accuracy")
-        self.auc_curve = self.metric_plot.plot(pen=pg.mkPen((140, 40, 160), width=2), symbol="t", symbolSize=6,
-                                               name="AUC")
-        rv.addWidget(self.metric_plot)
-        self.epoch_table = QTableWidget(0, 6)
-        self.epoch_table.setHorizontalHeaderLabels(["Epoch", "Train loss", "Val loss", "Bal. acc", "AUC", "F1"])
-        self.epoch_table.verticalHeader().setVisible(False)
-        self.epoch_table.setMinimumHeight(140)
-        rv.addWidget(self.epoch_table)
+        self.curves = TrainingCurves()
+        rv.addWidget(self.curves)
         self.compare_table = QTableWidget(len(METRIC_KEYS), 2)
         self.compare_table.setHorizontalHeaderLabels(["New model", "Current model"])
         self.compare_table.setVerticalHeaderLabels([k.replace("_", " ") for k in METRIC_KEYS])
@@ -403,10 +376,7 @@ class TrainingTab(QWidget):
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _reset_curves(self) -> None:
-        self._step_x, self._step_loss, self._epochs = [], [], []
-        for curve in (self.step_curve, self.train_curve, self.val_curve, self.bacc_curve, self.auc_curve):
-            curve.setData([], [])
-        self.epoch_table.setRowCount(0)
+        self.curves.reset()
         self.compare_table.clearContents()
         self.progress.setValue(0)
 
@@ -417,26 +387,12 @@ class TrainingTab(QWidget):
             self.status.setText(f"Training on {report.counts['train']['patches']} patches, validating on "
                                 f"{report.counts['val']['patches']} ({len(report.val_groups)} groups).")
         elif isinstance(report, StepReport):
-            x = report.epoch + (report.step + 1) / report.steps
-            self._step_x.append(x)
-            self._step_loss.append(report.loss)
-            self.step_curve.setData(self._step_x, self._step_loss)
+            self.curves.add_step(report)
             total = report.steps * self.epochs.value()
             self.progress.setRange(0, total)
             self.progress.setValue(report.epoch * report.steps + report.step + 1)
         elif isinstance(report, EpochReport):
-            self._epochs.append(report)
-            xs = [e.epoch for e in self._epochs]
-            self.train_curve.setData(xs, [e.train_loss for e in self._epochs])
-            self.val_curve.setData(xs, [e.val_loss for e in self._epochs])
-            self.bacc_curve.setData(xs, [e.val["balanced_accuracy"] for e in self._epochs])
-            self.auc_curve.setData(xs, [e.val["auc"] for e in self._epochs])
-            r = self.epoch_table.rowCount()
-            self.epoch_table.insertRow(r)
-            values = [str(report.epoch), f"{report.train_loss:.4f}", f"{report.val_loss:.4f}",
-                      f"{report.val['balanced_accuracy']:.3f}", f"{report.val['auc']:.3f}", f"{report.val['f1']:.3f}"]
-            for c, text in enumerate(values):
-                self.epoch_table.setItem(r, c, QTableWidgetItem(text + (" *" if c == 0 and report.best else "")))
+            self.curves.add_epoch(report)
             self.status.setText(f"Epoch {report.epoch}/{report.epochs}; ETA {report.eta_s:.0f} s.")
         elif isinstance(report, DoneReport):
             self.result_path = Path(report.checkpoint)

@@ -93,8 +93,8 @@ def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_fold
     assert len(epochs) == 2 and len(steps) == 4
     # Models pass as loaded objects: the model in use is never read again, the new one once.
     assert reads == [tab.result_path], reads
-    assert len(tab.train_curve.getData()[0]) == 2 and len(tab.step_curve.getData()[0]) == 4
-    assert tab.epoch_table.rowCount() == 2
+    assert len(tab.curves.train_curve.getData()[0]) == 2 and len(tab.curves.step_curve.getData()[0]) == 4
+    assert tab.curves.epoch_table.rowCount() == 2
     assert tab.compare is not None and tab.compare.current is not None
     assert tab.compare_table.item(0, 0).text() and tab.compare_table.item(0, 1).text()
     assert tab.counts_table.rowCount() >= 3  # the source and the train/val splits
