@@ -7,7 +7,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,12 +114,16 @@ def write_report(rep: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
 
 
 def crop_scale(slide: Slide, mpp_out: float | None) -> float:
-    """Output pixels per level-0 pixel for a requested output resolution (None = level 0)."""
+    """Output pixels per level-0 pixel for a requested output resolution (None = level 0).
+
+    Never finer than the slide itself: a request finer than level 0 gives level 0 (upsampling
+    a 4 um/px slide to 2 um/px only made the files four times larger).
+    """
     if mpp_out is None:
         return 1.0
     if slide.mpp is None:
         raise SlideError("The slide's resolution (MPP) is unknown; enter it or export at level 0.")
-    return slide.mpp / mpp_out
+    return min(1.0, slide.mpp / mpp_out)
 
 
 def _to_px(coords: np.ndarray, bbox: Rect, scale: float) -> list[tuple[float, float]]:
@@ -220,20 +224,39 @@ def save_image(path: Path, arr: np.ndarray) -> Path:
     return path
 
 
-def export_regions(slide: Slide, annotations: Sequence[Annotation], out_dir: Path, mpp_out: float | None = None,
-                   overlay: bool = False, heatmap: Heatmap | None = None, store: AnnotationStore | None = None,
-                   margin_l0: int = 0) -> list[Path]:
-    """Write a crop and a mask per annotation, then the report; returns the written paths."""
+@dataclass(frozen=True)
+class ExportProgress:
+    """One region's crop and mask written (``done`` of ``total``); the last report has the report files."""
+
+    done: int
+    total: int
+    paths: tuple[Path, ...]
+
+
+def iter_export_regions(slide: Slide, annotations: Sequence[Annotation], out_dir: Path,
+                        mpp_out: float | None = None, overlay: bool = False, heatmap: Heatmap | None = None,
+                        store: AnnotationStore | None = None, margin_l0: int = 0) -> Iterator[ExportProgress]:
+    """Write a crop and a mask per annotation, then the report, yielding after each region.
+
+    Stopping is closing the generator: the files already written stay complete (atomic writes).
+    """
     scale = crop_scale(slide, mpp_out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = slide.path.stem
-    written: list[Path] = []
+    total = len(annotations)
     for i, a in enumerate(annotations, 1):
         color = store.color(a.cls) if store is not None else (255, 0, 0)
         rgb, mask, _bbox = crop(slide, a, scale, margin_l0, outline=overlay, color=color,
                                 heatmap=heatmap if overlay else None)
         base = f"{stem}_{i:03d}_{safe_name(a.cls)}_{safe_name(a.name or a.id[:8])}"
-        written.append(save_image(out_dir / f"{base}.png", rgb))
-        written.append(save_image(out_dir / f"{base}.mask.png", mask))
-    written += write_report(report(annotations, slide, heatmap), out_dir, stem)
-    return written
+        yield ExportProgress(i, total, (save_image(out_dir / f"{base}.png", rgb),
+                                        save_image(out_dir / f"{base}.mask.png", mask)))
+    yield ExportProgress(total, total, tuple(write_report(report(annotations, slide, heatmap), out_dir, stem)))
+
+
+def export_regions(slide: Slide, annotations: Sequence[Annotation], out_dir: Path, mpp_out: float | None = None,
+                   overlay: bool = False, heatmap: Heatmap | None = None, store: AnnotationStore | None = None,
+                   margin_l0: int = 0) -> list[Path]:
+    """:func:`iter_export_regions` run to the end; returns the written paths."""
+    return [p for step in iter_export_regions(slide, annotations, out_dir, mpp_out, overlay, heatmap, store,
+                                              margin_l0) for p in step.paths]

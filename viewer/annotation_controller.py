@@ -20,13 +20,14 @@ from inference.annotation_io import (
 )
 from inference.annotations import Annotation, AnnotationError, AnnotationStore
 from inference.atomic import write_bytes
-from inference.export import export_regions, report, write_report
+from inference.export import ExportProgress, iter_export_regions, report, write_report
 from inference.heatmap import Heatmap
-from inference.slide import Slide, SlideError
+from inference.slide import Slide
 from viewer.annotation_layer import AnnotationLayer
 from viewer.annotation_panel import AnnotationPanel
 from viewer.session import SlideSession
 from viewer.slide_view import SlideView
+from viewer.workers import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class AnnotationController(QObject):
 
     error = Signal(str, str)  # title, one sentence
     message = Signal(str)
+    export_finished = Signal(object)  # the folder a crop export completed in
 
     def __init__(self, session: SlideSession, view: SlideView, panel: AnnotationPanel,
                  parent_widget: QWidget) -> None:
@@ -49,6 +51,13 @@ class AnnotationController(QObject):
         self._dirty = False
         self._timer = QTimer(self, singleShot=True, interval=AUTOSAVE_DELAY_MS)
         self._timer.timeout.connect(self.save_now)
+        self.exporter = JobRunner(self)
+        self.exporter.report.connect(self._on_exporter_report)
+        self.exporter.failed.connect(self._on_exporter_failed)
+        self.exporter.finished.connect(self._on_exporter_finished)
+        self._export_dir: Path | None = None
+        self._exported = 0
+        panel.export_cancel.clicked.connect(self.cancel_export)
         session.slide_closing.connect(self._on_session_slide_closing)
         session.slide_changed.connect(self._on_session_slide_changed)
         session.resolution_changed.connect(self._on_session_resolution_changed)
@@ -74,7 +83,8 @@ class AnnotationController(QObject):
     # -- slide lifecycle --------------------------------------------------------------------
     @Slot()
     def _on_session_slide_closing(self) -> None:
-        """Save the open slide's annotations and drop their layer."""
+        """Save the open slide's annotations and drop their layer; an export of it stops."""
+        self.cancel_export()
         self.save_now()
         if self.layer is not None:
             self.layer.detach()
@@ -271,29 +281,62 @@ class AnnotationController(QObject):
         return paths
 
     def export_crops(self, out_dir: Path | None = None, mpp_out: float | None = None,
-                     overlay: bool | None = None) -> list[Path]:
-        if self.slide is None or self.store is None or not self.store.items:
-            return []
+                     overlay: bool | None = None) -> bool:
+        """Start writing a crop and mask per region (selected, else all) as a background job.
+
+        The default resolution is the slide's own (never finer); the panel shows progress and
+        Cancel, and the status bar says what was written.
+        """
+        if self.slide is None or self.store is None or not self.store.items or self.exporter.running():
+            return False
         if out_dir is None:
             out_dir = self._ask_dir("Folder for the region crops")
             if out_dir is None:
-                return []
-            default = 2.0 if self.slide.mpp is not None else 0.0
-            value, ok = QInputDialog.getDouble(self.parent_widget, "Crop resolution",
-                                               "\u00b5m per pixel (0 = full resolution):", default, 0.0, 100.0, 3)
+                return False
+            mpp = self.slide.mpp
+            value, ok = QInputDialog.getDouble(
+                self.parent_widget, "Crop resolution",
+                "\u00b5m per pixel (0 = the slide's full resolution; never finer than the slide):",
+                mpp or 0.0, mpp or 0.0, 100.0, 3)
             if not ok:
-                return []
+                return False
             mpp_out = value or None
             overlay = QInputDialog.getItem(self.parent_widget, "Overlay", "Draw on the crops:",
                                            ["Nothing", "Outline and heatmap"], 1, False)[0] != "Nothing"
-        try:
-            paths = export_regions(self.slide, self._chosen(), out_dir, mpp_out, bool(overlay),
-                                   self.heatmap, self.store)
-        except SlideError as exc:
-            self.error.emit("Cannot export crops", str(exc))
-            return []
-        self.message.emit(f"Wrote {len(paths)} files to {out_dir}.")
-        return paths
+        slide, chosen, heatmap, store = self.slide, self._chosen(), self.heatmap, self.store
+        self._export_dir, self._exported = out_dir, 0
+        self.panel.show_export((0, len(chosen)))
+        self.exporter.start(lambda: iter_export_regions(slide, chosen, out_dir, mpp_out, bool(overlay),
+                                                        heatmap, store))
+        return True
+
+    def shutdown(self) -> None:
+        """Stop an export and wait for its thread (closing the window)."""
+        self.exporter.shutdown()
+
+    @Slot()
+    def cancel_export(self) -> None:
+        if self.exporter.running():
+            self.exporter.stop()
+            self.panel.show_export(None)
+            self.message.emit(f"Export cancelled; the {self._exported} region(s) written so far are complete.")
+
+    @Slot(object)
+    def _on_exporter_report(self, step: ExportProgress) -> None:
+        self._exported = step.done
+        self.panel.show_export((step.done, step.total))
+
+    @Slot(str)
+    def _on_exporter_failed(self, message: str) -> None:
+        self.panel.show_export(None)
+        self.error.emit("Cannot export crops", message)
+
+    @Slot(bool)
+    def _on_exporter_finished(self, completed: bool) -> None:
+        self.panel.show_export(None)
+        if completed:
+            self.message.emit(f"Wrote the crops, masks and report of {self._exported} region(s) to {self._export_dir}.")
+            self.export_finished.emit(self._export_dir)
 
     def _ask_dir(self, title: str) -> Path | None:
         start = str(self.slide.path.parent) if self.slide is not None else ""

@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QHeaderView,
     QInputDialog,
     QLineEdit,
+    QProgressBar,
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
@@ -65,9 +66,12 @@ class AnnotationPanel(QWidget):
         self.filter_combo.currentTextChanged.connect(self._on_filter_changed)
         layout.addWidget(self.filter_combo)
         self.table = QTableWidget(0, 5)
-        self.table.setHorizontalHeaderLabels(["Name", "Class", "Area (\u00b5m\u00b2)", "Mean P(IDC)", "Source"])
+        self.table.setHorizontalHeaderLabels(["Name", "Class", "\u00b5m\u00b2", "P(IDC)", "Source"])
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for col in range(1, 5):  # the figures were hidden behind a scroll bar
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QTableWidget.EditTrigger.DoubleClicked)
         self.table.itemSelectionChanged.connect(self._on_table_selection_changed)
@@ -102,7 +106,24 @@ class AnnotationPanel(QWidget):
         self.confirm_button.clicked.connect(self._on_confirm_clicked)
         form.addRow(self.confirm_button)
         layout.addWidget(box)
+
+        export_row = QHBoxLayout()
+        self.export_bar = QProgressBar()
+        self.export_bar.setFormat("Exporting crops: %v / %m regions")
+        self.export_cancel = QPushButton("Cancel export")
+        export_row.addWidget(self.export_bar, 1)
+        export_row.addWidget(self.export_cancel)
+        layout.addLayout(export_row)
+        self.show_export(None)
         self._refresh_classes()
+
+    def show_export(self, progress: tuple[int, int] | None) -> None:
+        """Show (done, total) of a running crop export, or hide the row (None)."""
+        for w in (self.export_bar, self.export_cancel):
+            w.setVisible(progress is not None)
+        if progress is not None:
+            self.export_bar.setRange(0, max(1, progress[1]))
+            self.export_bar.setValue(progress[0])
 
     # -- models -----------------------------------------------------------------------------
     def set_store(self, store: AnnotationStore | None, mpp: float | None) -> None:

@@ -419,5 +419,6 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:
         self.training.shutdown()  # the only place that waits for background threads
         self.inference.shutdown()
+        self.annotations.shutdown()
         self.session.open(None)  # saves the annotations, stops reads, closes the file
         super().closeEvent(event)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from PySide6.QtCore import QPoint, Qt
 
 from inference.annotation_io import parse_geojson
@@ -191,6 +192,39 @@ def test_regions_from_heatmap_button(qtbot, window: MainWindow) -> None:
 def test_export_crops_report_and_view(qtbot, window: MainWindow, tmp_path: Path) -> None:
     use(window, "rectangle")
     drag(qtbot, window, [(400, 400), (1000, 1000)])
-    paths = window.annotations.export_crops(tmp_path / "crops", mpp_out=2.0, overlay=True)
+    with qtbot.waitSignal(window.annotations.export_finished, timeout=30_000):
+        assert window.annotations.export_crops(tmp_path / "crops", mpp_out=2.0, overlay=True)
+    paths = list((tmp_path / "crops").iterdir())
     assert any(p.name.endswith(".mask.png") for p in paths) and any(p.suffix == ".json" for p in paths)
     assert window.annotations.export_report(tmp_path / "rep")
+
+
+def test_crop_export_runs_as_a_job_with_progress_and_cancel(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    """Issue 13, item 6: 25 regions froze the app for 19.9 s; now the export is a job."""
+    from shapely.geometry import box
+
+    from inference.annotations import Annotation
+
+    store = window.annotations.store
+    for i in range(25):
+        store.add(Annotation(geometry=box(40 * i, 40 * i, 40 * i + 900, 40 * i + 900), cls="IDC", name=f"r{i}"))
+    panel = window.annotation_panel
+    seen: list[int] = []
+    window.annotations.exporter.report.connect(lambda step: seen.append(step.done))
+    assert window.annotations.export_crops(tmp_path / "all", mpp_out=None, overlay=True)
+    assert panel.export_bar.isVisibleTo(panel) and panel.export_bar.maximum() == 25
+    qtbot.waitUntil(lambda: len(seen) >= 3, timeout=30_000)
+    window.annotations.cancel_export()
+    assert not panel.export_bar.isVisibleTo(panel)
+    qtbot.waitUntil(lambda: window.annotations.exporter.threads() == 0, timeout=30_000)
+    crops = sorted((tmp_path / "all").glob("*_r*.png"))
+    assert 3 * 2 <= len(crops) < 25 * 2 and not list((tmp_path / "all").glob("*.report.json"))
+    for p in crops:  # every file written before the cancel is complete
+        assert Image.open(p).size[0] > 0
+    # A whole export finishes with every region and the report; a request finer than the slide
+    # is clamped to the slide's own resolution (never upsampled).
+    with qtbot.waitSignal(window.annotations.export_finished, timeout=60_000):
+        window.annotations.export_crops(tmp_path / "fine", mpp_out=window.slide.mpp / 4, overlay=False)
+    assert len(list((tmp_path / "fine").glob("*_r*.mask.png"))) == 25
+    first = Image.open(next((tmp_path / "fine").glob("*_r0.png")))
+    assert first.size == (900, 900)
