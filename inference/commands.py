@@ -16,7 +16,7 @@ from inference.annotation_io import dumps_geojson, read_file
 from inference.annotations import AnnotationError, AnnotationStore, regions_from_heatmap
 from inference.atomic import atomic_path, write_bytes
 from inference.export import export_regions
-from inference.heatmap import Heatmap
+from inference.heatmap import DEFAULT_COLORMAP, Heatmap
 from inference.model import load_checkpoint, pick_device
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Planned, infer
@@ -26,7 +26,7 @@ from resources import shipped_model_path
 log = logging.getLogger(__name__)
 
 
-def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = "inferno",
+def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = DEFAULT_COLORMAP,
                   mpp: float | None = None, min_area_um2: float = 0.0) -> list[Path]:
     """Write <stem>.heatmap.npz/.heatmap.png/.patches.csv and IDC regions <stem>.idc.geojson."""
     out_dir.mkdir(parents=True, exist_ok=True)

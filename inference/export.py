@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from inference.annotations import Annotation, AnnotationStore
 from inference.atomic import write_bytes
 from inference.geometry import Rect
-from inference.heatmap import Heatmap, colormap_lut
+from inference.heatmap import DEFAULT_COLORMAP, Heatmap, colormap_lut
 from inference.slide import Slide, SlideError
 
 #: Crops with more pixels than this are written as tiled TIFF instead of PNG.
@@ -161,7 +161,7 @@ def mask_image(a: Annotation, bbox: Rect, size: tuple[int, int], scale: float) -
 
 def crop(slide: Slide, a: Annotation, scale: float, margin_l0: int = 0, outline: bool = False,
          color: tuple[int, int, int] = (255, 0, 0), heatmap: Heatmap | None = None,
-         heatmap_alpha: float = 0.45, colormap: str = "inferno") -> tuple[np.ndarray, np.ndarray, Rect]:
+         heatmap_alpha: float = 0.45, colormap: str = DEFAULT_COLORMAP) -> tuple[np.ndarray, np.ndarray, Rect]:
     """(RGB crop, mask, level-0 bbox) of an annotation at ``scale`` output px per level-0 px."""
     minx, miny, maxx, maxy = a.geometry.bounds
     bbox = Rect.from_corners(math.floor(minx) - margin_l0, math.floor(miny) - margin_l0,
@@ -199,7 +199,7 @@ def _blend_heatmap(rgb: np.ndarray, heatmap: Heatmap, bbox: Rect, size: tuple[in
     p = np.full((h, w), np.nan, np.float32)
     p[np.ix_(valid_y, valid_x)] = prob[np.ix_(ys[valid_y], xs[valid_x])]
     lut = colormap_lut(colormap)
-    shown = np.isfinite(p)
+    shown = np.isfinite(p) & (np.nan_to_num(p, nan=-1.0) >= heatmap.threshold)  # as on screen
     col = lut[np.clip(np.nan_to_num(p) * 255, 0, 255).astype(np.uint8)].astype(np.float32)
     out = rgb.astype(np.float32)
     out[shown] = out[shown] * (1 - alpha) + col[shown] * alpha

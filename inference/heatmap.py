@@ -19,12 +19,19 @@ from inference.patches import PatchGrid
 log = logging.getLogger(__name__)
 
 #: Colour maps as anchor colours from probability 0 to 1 (linearly interpolated).
+#: The first is the default: ColorBrewer YlOrRd, light yellow to dark red, so that high is
+#: unmistakable on pink H&E (inferno at 0-1 painted all stroma purple and tumour a khaki wash).
 COLORMAPS: dict[str, list[tuple[int, int, int]]] = {
+    "yellow-red": [(255, 255, 204), (255, 237, 160), (254, 217, 118), (254, 178, 76), (253, 141, 60),
+                   (252, 78, 42), (227, 26, 28), (189, 0, 38), (128, 0, 38)],
     "inferno": [(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)],
     "viridis": [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)],
     "coolwarm": [(59, 76, 192), (141, 176, 254), (221, 221, 221), (244, 154, 123), (180, 4, 38)],
     "jet": [(0, 0, 143), (0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0), (128, 0, 0)],
 }
+
+
+DEFAULT_COLORMAP = next(iter(COLORMAPS))
 
 
 def colormap_lut(name: str, n: int = 256) -> np.ndarray:
@@ -185,7 +192,7 @@ class Heatmap:
         return (max(0, int(rows.min()) - reach), max(0, int(cols.min()) - reach),
                 min(n_rows, int(rows.max()) + k + reach), min(n_cols, int(cols.max()) + k + reach))
 
-    def to_rgba(self, colormap: str = "inferno", threshold: float = 0.0, alpha: int = 255) -> np.ndarray:
+    def to_rgba(self, colormap: str = DEFAULT_COLORMAP, threshold: float = 0.0, alpha: int = 255) -> np.ndarray:
         """RGBA uint8 (rows, cols, 4), one pixel per cell; transparent below ``threshold``."""
         p = self.prob
         lut = colormap_lut(colormap)

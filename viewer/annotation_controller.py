@@ -27,6 +27,7 @@ from viewer.annotation_layer import AnnotationLayer
 from viewer.annotation_panel import AnnotationPanel
 from viewer.session import SlideSession
 from viewer.slide_view import SlideView
+from viewer.tools import distance_text
 from viewer.workers import JobRunner
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class AnnotationController(QObject):
         self.exporter.finished.connect(self._on_exporter_finished)
         self._export_dir: Path | None = None
         self._exported = 0
+        self.shown, self.filled = True, True
         panel.export_cancel.clicked.connect(self.cancel_export)
         session.slide_closing.connect(self._on_session_slide_closing)
         session.slide_changed.connect(self._on_session_slide_changed)
@@ -110,6 +112,8 @@ class AnnotationController(QObject):
         store.subscribe(self._on_store_changed)
         self.layer = AnnotationLayer(self.view.scene(), store)
         self.layer.set_editable(self.view.tool_name == "select")
+        self.layer.set_shown(self.shown)
+        self.layer.set_fill(self.filled)
         self.panel.set_store(store, slide.mpp)
 
     @Slot(object)
@@ -120,6 +124,20 @@ class AnnotationController(QObject):
     @Slot(object)
     def _on_session_heatmap_changed(self, heatmap: Heatmap | None) -> None:
         self.panel.set_heatmap(heatmap)
+
+    @Slot(bool)
+    def set_shown(self, shown: bool) -> None:
+        """View > Show annotations (kept across slides)."""
+        self.shown = shown
+        if self.layer is not None:
+            self.layer.set_shown(shown)
+
+    @Slot(bool)
+    def set_filled(self, filled: bool) -> None:
+        """View > Fill annotations (kept across slides)."""
+        self.filled = filled
+        if self.layer is not None:
+            self.layer.set_fill(filled)
 
     def set_tool(self, name: str) -> None:
         self.view.set_tool(name)
@@ -149,6 +167,10 @@ class AnnotationController(QObject):
     # -- editing ----------------------------------------------------------------------------
     @Slot(str, object)
     def _on_view_geometry_drawn(self, tool: str, geom: BaseGeometry) -> None:
+        if tool == "ruler":  # a measurement, not an annotation
+            mpp = self.slide.mpp if self.slide is not None else None
+            self.message.emit(f"Distance: {distance_text(geom.length, mpp)} ({geom.length:,.0f} px at level 0).")
+            return
         if self.store is None:
             return
         cls = self.panel.current_class()

@@ -62,6 +62,7 @@ class AnnotationItem(QGraphicsPathItem):
         self.setToolTip(f"{annotation.cls}: {annotation.name}" if annotation.name else annotation.cls)
         self._handles: list[VertexHandle] = []
         self._is_point = annotation.geometry.geom_type in ("Point", "MultiPoint")
+        self.fill = True
 
     def _point_rect(self) -> QRectF:
         """Bounds of a point marker: constant screen size, so padded by the view's scale."""
@@ -92,13 +93,22 @@ class AnnotationItem(QGraphicsPathItem):
             painter.setPen(pen)
         else:
             painter.setPen(self.pen())
+        if not self._is_point:  # a dark halo keeps the outline visible on any heatmap colour
+            halo = QPen(QColor(0, 0, 0, 170), painter.pen().widthF() + 2.5)
+            halo.setCosmetic(True)
+            halo.setJoinStyle(Qt.PenJoinStyle.RoundJoin)
+            painter.save()
+            painter.setPen(halo)
+            painter.setBrush(Qt.BrushStyle.NoBrush)
+            painter.drawPath(self.path())
+            painter.restore()
         if self._is_point:
             r = POINT_RADIUS_PX / max(painter.worldTransform().m11(), 1e-9)
             painter.setBrush(self.pen().color())
             for part in getattr(self.annotation.geometry, "geoms", [self.annotation.geometry]):
                 painter.drawEllipse(QPointF(part.x, part.y), r, r)
             return
-        painter.setBrush(self.brush())
+        painter.setBrush(self.brush() if self.fill else Qt.BrushStyle.NoBrush)
         painter.drawPath(self.path())
 
     # -- editing ----------------------------------------------------------------------------
@@ -140,6 +150,8 @@ class AnnotationLayer:
         self.items: dict[str, AnnotationItem] = {}
         self.editable = False
         self.visible_classes: set[str] | None = None
+        self.shown = True  # View > Show annotations
+        self.fill = True  # View > Fill annotations
         store.subscribe(self.sync)
         self.sync()
 
@@ -157,8 +169,24 @@ class AnnotationLayer:
                 self.scene.addItem(item)
                 self.items[ann_id] = item
                 item.setSelected(ann_id in selected)
-                item.setVisible(self.visible_classes is None or a.cls in self.visible_classes)
+                item.fill = self.fill
+                item.setVisible(self._visible(a.cls))
                 item.set_editable(self.editable)
+
+    def _visible(self, cls: str) -> bool:
+        return self.shown and (self.visible_classes is None or cls in self.visible_classes)
+
+    def set_shown(self, shown: bool) -> None:
+        """Show or hide every annotation (the class filter still applies when shown)."""
+        self.shown = shown
+        for item in self.items.values():
+            item.setVisible(self._visible(item.annotation.cls))
+
+    def set_fill(self, fill: bool) -> None:
+        self.fill = fill
+        for item in self.items.values():
+            item.fill = fill
+            item.update()
 
     def set_editable(self, editable: bool) -> None:
         self.editable = editable
@@ -168,7 +196,7 @@ class AnnotationLayer:
     def set_visible_classes(self, classes: set[str] | None) -> None:
         self.visible_classes = classes
         for item in self.items.values():
-            item.setVisible(classes is None or item.annotation.cls in classes)
+            item.setVisible(self._visible(item.annotation.cls))
 
     def selected_ids(self) -> list[str]:
         return [i for i, it in self.items.items() if it.isSelected()]

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo, colormap_lut
+from inference.heatmap import COLORMAPS, DEFAULT_COLORMAP, Heatmap, HeatmapInfo, colormap_lut
 from inference.model import pick_device
 from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings
@@ -39,7 +39,7 @@ class LegendBar(QWidget):
 
     def __init__(self) -> None:
         super().__init__()
-        self.colormap = "inferno"
+        self.colormap = DEFAULT_COLORMAP
         self.setMinimumHeight(34)
 
     def paintEvent(self, event: QPaintEvent) -> None:
@@ -127,7 +127,7 @@ class InferencePanel(QWidget):
         form.addRow(self.context_box)
         self.opacity = QSlider(Qt.Orientation.Horizontal)
         self.opacity.setRange(0, 100)
-        self.opacity.setValue(55)
+        self.opacity.setValue(60)
         self.opacity.valueChanged.connect(self._on_style_changed)
         form.addRow("Opacity", self.opacity)
         self.colormap = QComboBox()
@@ -138,7 +138,7 @@ class InferencePanel(QWidget):
         form.addRow(self.legend)
         self.threshold = QSlider(Qt.Orientation.Horizontal)
         self.threshold.setRange(0, 100)
-        self.threshold.setValue(0)
+        self.threshold.setValue(50)  # follows the model's threshold once a heatmap is shown
         self.threshold.valueChanged.connect(self._on_style_changed)
         self.threshold_label = QLabel("0.00")
         trow = QHBoxLayout()
@@ -316,6 +316,7 @@ class InferencePanel(QWidget):
         heatmap.context = self.context_box.isChecked()
         self.layer = HeatmapLayer(heatmap)
         self.view.scene().addItem(self.layer)
+        self._follow_threshold()
         self._on_style_changed()
         self.layer.setVisible(self.show_box.isChecked())
         self.session.set_heatmap(heatmap)
@@ -333,6 +334,11 @@ class InferencePanel(QWidget):
         if self.truth is not None:
             self.view.scene().removeItem(self.truth)
             self.truth = None
+
+    def _follow_threshold(self) -> None:
+        """Show only cells at or above the model's threshold for the map shown (the default)."""
+        if self.heatmap is not None:
+            self.threshold.setValue(round(self.heatmap.threshold * 100))
 
     @Slot()
     def _on_style_changed(self, *_: object) -> None:
@@ -352,6 +358,7 @@ class InferencePanel(QWidget):
         if self.heatmap is None:
             return
         self.heatmap.context = on
+        self._follow_threshold()
         if self.layer is not None:
             self.layer.refresh()
         self._update_agreement()

@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import shapely
 from PySide6.QtCore import QRect, QRectF, Qt
-from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QPixmap
-from PySide6.QtWidgets import QGraphicsItem, QGraphicsPathItem, QStyleOptionGraphicsItem, QWidget
+from PySide6.QtGui import QColor, QImage, QPainter, QPainterPath, QPen, QPixmap, QTransform
+from PySide6.QtWidgets import (
+    QGraphicsEffect,
+    QGraphicsItem,
+    QGraphicsPathItem,
+    QStyleOptionGraphicsItem,
+    QWidget,
+)
 from shapely.geometry.base import BaseGeometry
 
 from inference.geometry import Rect
-from inference.heatmap import Heatmap
+from inference.heatmap import DEFAULT_COLORMAP, Heatmap
 from inference.tiles import ByteLRU, TileGrid, TileKey
 
 
@@ -123,13 +129,53 @@ def qimage_to_array(img: QImage) -> np.ndarray:
     return buf[:, : w * 3].reshape(h, w, 3).copy()
 
 
+def adjustment_lut(brightness: float, contrast: float) -> np.ndarray:
+    """256-entry uint8 table: (v - 128) * contrast + 128 + brightness * 255, clipped."""
+    v = np.arange(256, dtype=np.float64)
+    return np.clip((v - 128) * contrast + 128 + brightness * 255, 0, 255).round().astype(np.uint8)
+
+
+class BrightnessContrastEffect(QGraphicsEffect):
+    """Brightness and contrast of the slide as displayed (the tiles' pixels are not changed).
+
+    Disabled at the identity, so unadjusted painting costs nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.brightness, self.contrast = 0.0, 1.0
+        self._lut = adjustment_lut(0.0, 1.0)
+        self.setEnabled(False)
+
+    def set_values(self, brightness: float, contrast: float) -> None:
+        """``brightness`` in [-1, 1] (share of full scale added), ``contrast`` a factor (1 = none)."""
+        self.brightness, self.contrast = float(brightness), float(contrast)
+        self._lut = adjustment_lut(self.brightness, self.contrast)
+        self.setEnabled(not (self.brightness == 0 and self.contrast == 1))
+        self.update()
+
+    def draw(self, painter: QPainter) -> None:
+        pm, offset = self.sourcePixmap(Qt.CoordinateSystem.DeviceCoordinates)
+        if pm.isNull():
+            return
+        img = pm.toImage().convertToFormat(QImage.Format.Format_RGBA8888)
+        w, h, bpl = img.width(), img.height(), img.bytesPerLine()
+        arr = np.frombuffer(img.constBits(), np.uint8, count=bpl * h).reshape(h, bpl)[:, : w * 4].reshape(h, w, 4)
+        out = arr.copy()
+        out[..., :3] = self._lut[arr[..., :3]]
+        painter.save()
+        painter.setWorldTransform(QTransform())
+        painter.drawImage(offset, array_to_qimage(out))
+        painter.restore()
+
+
 class HeatmapLayer(QGraphicsItem):
     """The IDC heatmap: one image pixel per cell, scaled onto level 0 without smoothing."""
 
     def __init__(self, heatmap: Heatmap) -> None:
         super().__init__()
         self.heatmap = heatmap
-        self.colormap = "inferno"
+        self.colormap = DEFAULT_COLORMAP
         self.threshold = 0.0
         self.show_tissue = False
         self._image = QImage()

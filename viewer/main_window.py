@@ -30,12 +30,12 @@ from inference.geometry import Rect
 from inference.model import LoadedModel
 from inference.slide import Slide, SlideError, open_slide
 from inference.tiles import TileKey
-from resources import demo_slide_path
+from resources import demo_slide_path, resource_path
 from viewer.annotation_controller import AnnotationController
 from viewer.annotation_panel import AnnotationPanel
 from viewer.inference_panel import InferencePanel
 from viewer.layers import qimage_to_array
-from viewer.panels import MetadataPanel, OverviewPanel
+from viewer.panels import AdjustDialog, MetadataPanel, OverviewPanel, ShortcutsDialog
 from viewer.session import SlideSession
 from viewer.slide_view import PRESETS, SlideView
 from viewer.tools import TOOLS
@@ -107,6 +107,7 @@ class MainWindow(QMainWindow):
         self.overview.navigate_requested.connect(self._on_overview_navigate_requested)
         self._build_menus()
         self._tile_error_shown = False
+        self._adjust_dialog: AdjustDialog | None = None
 
     def _dock(self, widget: QWidget, title: str, name: str) -> QDockWidget:
         dock = QDockWidget(title, self)
@@ -185,11 +186,22 @@ class MainWindow(QMainWindow):
             self.mag_menu.addAction(act)
             self.mag_group.addAction(act)
         v.addSeparator()
+        self.show_annotations_action = self._action(v, "Show &annotations", self.annotations.set_shown, "A")
+        self.fill_annotations_action = self._action(v, "F&ill annotations", self.annotations.set_filled, "Shift+F")
+        for act in (self.show_annotations_action, self.fill_annotations_action):
+            act.setCheckable(True)
+            act.setChecked(True)
+        self._action(v, "&Brightness and contrast\u2026", self._on_adjust_triggered, "Ctrl+Shift+C")
+        v.addSeparator()
         self.mpp_action = self._action(v, "Set &resolution (MPP)\u2026", self._on_set_mpp_triggered)
         v.addSeparator()
         for dock in self.findChildren(QDockWidget):
             v.addAction(dock.toggleViewAction())
         self._update_mag_actions()
+
+        h = mb.addMenu("&Help")
+        self._action(h, "&Keyboard shortcuts", self._on_shortcuts_triggered, QKeySequence.StandardKey.HelpContents)
+        self._action(h, "&About IDC Slide Viewer", self._on_about_triggered)
 
     def _refresh_recent(self) -> None:
         self.recent_menu.clear()
@@ -307,6 +319,27 @@ class MainWindow(QMainWindow):
                 return
 
     # -- resolution -------------------------------------------------------------------------
+    @Slot()
+    def _on_adjust_triggered(self) -> None:
+        if self._adjust_dialog is None:
+            self._adjust_dialog = AdjustDialog(self)
+            self._adjust_dialog.changed.connect(self.view.set_adjustment)
+        self._adjust_dialog.show()
+        self._adjust_dialog.raise_()
+
+    @Slot()
+    def _on_shortcuts_triggered(self) -> None:
+        self.shortcuts_dialog = ShortcutsDialog(self.findChildren(QAction), self)
+        self.shortcuts_dialog.show()
+
+    @Slot()
+    def _on_about_triggered(self) -> None:
+        model = self.session.model
+        text = (f"IDC Slide Viewer: whole-slide viewing with an invasive ductal carcinoma heatmap.\n\n"
+                f"Model: {model.model_id if model else 'none'}; its card is {resource_path('MODEL_CARD.md')}.")
+        if self.interactive:
+            QMessageBox.about(self, "About IDC Slide Viewer", text)
+
     @Slot()
     def _on_set_mpp_triggered(self) -> None:
         if self.slide is None:

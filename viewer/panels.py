@@ -1,14 +1,27 @@
-"""Side panels: the overview (minimap) and the slide metadata."""
+"""Side panels and small dialogs: overview (minimap), slide metadata, brightness/contrast, shortcuts."""
 
 from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
-from PySide6.QtGui import QColor, QMouseEvent, QPainter, QPaintEvent, QPen, QPixmap
+from PySide6.QtGui import (
+    QAction,
+    QColor,
+    QKeySequence,
+    QMouseEvent,
+    QPainter,
+    QPaintEvent,
+    QPen,
+    QPixmap,
+)
 from PySide6.QtWidgets import (
+    QDialog,
+    QFormLayout,
     QHeaderView,
     QLabel,
+    QPushButton,
     QSizePolicy,
+    QSlider,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
@@ -175,3 +188,72 @@ class MetadataPanel(QWidget):
         if not shown:
             self.images_layout.addWidget(QLabel("This slide has no label or macro image."))
         self.images_layout.addStretch(1)
+
+
+class AdjustDialog(QDialog):
+    """Brightness and contrast of the slide as shown (not of the pixels the model reads)."""
+
+    changed = Signal(float, float)  # brightness in [-1, 1], contrast factor
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Brightness and contrast")
+        form = QFormLayout(self)
+        self.brightness = QSlider(Qt.Orientation.Horizontal)
+        self.brightness.setRange(-50, 50)
+        self.contrast = QSlider(Qt.Orientation.Horizontal)
+        self.contrast.setRange(25, 300)  # percent
+        self.contrast.setValue(100)
+        for slider in (self.brightness, self.contrast):
+            slider.valueChanged.connect(self._on_slider_changed)
+        form.addRow("Brightness", self.brightness)
+        form.addRow("Contrast", self.contrast)
+        self.note = QLabel("Display only: the heatmap and exports use the slide's own pixels.")
+        self.note.setWordWrap(True)
+        form.addRow(self.note)
+        reset = QPushButton("Reset")
+        reset.clicked.connect(self.reset)
+        form.addRow(reset)
+
+    def reset(self) -> None:
+        self.brightness.setValue(0)
+        self.contrast.setValue(100)
+
+    def values(self) -> tuple[float, float]:
+        return self.brightness.value() / 100, self.contrast.value() / 100
+
+    def _on_slider_changed(self, _value: int) -> None:
+        self.changed.emit(*self.values())
+
+
+def shortcut_rows(actions: list[QAction]) -> list[tuple[str, str]]:
+    """(shortcut, what it does) for every action that has a shortcut, sorted by what it does."""
+    rows = {}
+    for act in actions:
+        keys = ", ".join(k.toString(QKeySequence.SequenceFormat.NativeText) for k in act.shortcuts())
+        if keys:
+            rows[act.text().replace("&", "").rstrip("\u2026")] = keys
+    return sorted(((k, t) for t, k in rows.items()), key=lambda r: r[1].lower())
+
+
+class ShortcutsDialog(QDialog):
+    """Help > Keyboard shortcuts: every shortcut of the window, plus the mouse."""
+
+    MOUSE = [("Wheel", "Zoom about the cursor"), ("Drag (Move tool)", "Pan"),
+             ("Double-click (Polygon tool)", "Close the polygon"), ("Escape", "Cancel the drawing")]
+
+    def __init__(self, actions: list[QAction], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Keyboard shortcuts")
+        layout = QVBoxLayout(self)
+        rows = shortcut_rows(actions) + self.MOUSE
+        self.table = QTableWidget(len(rows), 2)
+        self.table.setHorizontalHeaderLabels(["Keys", "Action"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        for r, (keys, text) in enumerate(rows):
+            self.table.setItem(r, 0, QTableWidgetItem(keys))
+            self.table.setItem(r, 1, QTableWidgetItem(text))
+        self.table.resizeColumnToContents(0)
+        layout.addWidget(self.table)
+        self.resize(520, 560)

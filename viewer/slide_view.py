@@ -12,8 +12,8 @@ from PySide6.QtWidgets import QFrame, QGraphicsScene, QGraphicsView, QWidget
 from inference.geometry import Rect
 from inference.slide import Slide
 from inference.tiles import TileGrid, TileKey
-from viewer.layers import TileLayer, rect_from_qrectf
-from viewer.tools import TOOL_CLASSES, Tool
+from viewer.layers import BrightnessContrastEffect, TileLayer, rect_from_qrectf
+from viewer.tools import TOOL_CLASSES, RulerTool, Tool
 from viewer.workers import TileLoader
 
 #: The usual magnification convention: 10x objective ~ 1 um per pixel.
@@ -63,6 +63,7 @@ class SlideView(QGraphicsView):
         self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.slide: Slide | None = None
+        self._adjust = (0.0, 1.0)
         self.tool: Tool | None = None
         self.tool_name = "pan"
         self.tiles: TileLayer | None = None
@@ -86,6 +87,9 @@ class SlideView(QGraphicsView):
         self.loader.tile_failed.connect(self._on_loader_tile_failed)
         self.tiles = TileLayer(grid)
         self.tiles.request_tile = self._request_tile
+        self.adjustment = BrightnessContrastEffect()
+        self.adjustment.set_values(*self._adjust)
+        self.tiles.setGraphicsEffect(self.adjustment)
         self.scene().addItem(self.tiles)
         margin = max(w, h) * 0.5
         self.scene().setSceneRect(QRectF(-margin, -margin, w + 2 * margin, h + 2 * margin))
@@ -93,6 +97,12 @@ class SlideView(QGraphicsView):
             self.loader.request(key)
         self._sharp_emitted = False
         self.fit()
+
+    def set_adjustment(self, brightness: float, contrast: float) -> None:
+        """Brightness in [-1, 1] and contrast factor of the slide as shown (kept across slides)."""
+        self._adjust = (brightness, contrast)
+        if self.tiles is not None:
+            self.adjustment.set_values(brightness, contrast)
 
     def clear_slide(self) -> None:
         """Stop tile reads and forget the slide's layers."""
@@ -133,6 +143,8 @@ class SlideView(QGraphicsView):
         else:
             self.setDragMode(QGraphicsView.DragMode.NoDrag)
             self.tool = TOOL_CLASSES[name](self.scene(), self._on_tool_finished, lambda: self.scale_factor)
+            if isinstance(self.tool, RulerTool):
+                self.tool.mpp = lambda: self.slide.mpp if self.slide is not None else None
         self.viewport().setCursor(Qt.CursorShape.CrossCursor if self.tool else Qt.CursorShape.ArrowCursor)
 
     def _on_tool_finished(self, geom: object) -> None:

@@ -6,8 +6,13 @@ from collections.abc import Callable
 
 import shapely
 from PySide6.QtCore import QPointF, Qt
-from PySide6.QtGui import QColor, QPainterPath, QPen
-from PySide6.QtWidgets import QGraphicsPathItem, QGraphicsScene
+from PySide6.QtGui import QColor, QFont, QPainterPath, QPen
+from PySide6.QtWidgets import (
+    QGraphicsItem,
+    QGraphicsPathItem,
+    QGraphicsScene,
+    QGraphicsSimpleTextItem,
+)
 from shapely.geometry.base import BaseGeometry
 
 from viewer.layers import geometry_path
@@ -21,6 +26,7 @@ TOOLS = {
     "freehand": ("Freehand lasso", "F"),
     "brush": ("Brush (adds to the selected region)", "B"),
     "point": ("Point", "."),
+    "ruler": ("Ruler (drag to measure a distance; nothing is stored)", "L"),
 }
 
 Finish = Callable[[BaseGeometry], None]
@@ -199,10 +205,73 @@ class PointTool(Tool):
         self._done(shapely.Point(p.x(), p.y()))
 
 
+def distance_text(length_l0: float, mpp: float | None) -> str:
+    """A measured distance in micrometres (or pixels when the resolution is unknown)."""
+    if mpp is None:
+        return f"{length_l0:,.0f} px (resolution unknown)"
+    um = length_l0 * mpp
+    return f"{um / 1000:,.2f} mm" if um >= 10_000 else f"{um:,.1f} \u00b5m"
+
+
+class RulerTool(Tool):
+    """Press, drag, release: the line and its length stay on screen until the next measurement."""
+
+    mpp: Callable[[], float | None] = staticmethod(lambda: None)  # set by the view
+
+    def __init__(self, scene: QGraphicsScene, finish: Finish, scale: Callable[[], float]) -> None:
+        super().__init__(scene, finish, scale)
+        self.label = QGraphicsSimpleTextItem()
+        self.label.setFlag(QGraphicsItem.GraphicsItemFlag.ItemIgnoresTransformations, True)
+        self.label.setBrush(QColor(255, 230, 0))
+        self.label.setPen(QPen(QColor(0, 0, 0), 0.6))
+        font = QFont()
+        font.setPointSize(12)
+        font.setBold(True)
+        self.label.setFont(font)
+        self.label.setZValue(91)
+        scene.addItem(self.label)
+        self.line: shapely.LineString | None = None
+
+    def press(self, p: QPointF) -> None:
+        self.points = [(p.x(), p.y())]
+
+    def move(self, p: QPointF, pressed: bool) -> None:
+        if pressed and self.points:
+            self._measure([self.points[0], (p.x(), p.y())])
+
+    def release(self, p: QPointF) -> None:
+        if not self.points:
+            return
+        pts = [self.points[0], (p.x(), p.y())]
+        self.points = []
+        if shapely.LineString(pts).length * self.scale() < 3:  # a click, not a measurement
+            return
+        self._measure(pts)
+        self.finish(self.line)
+
+    def _measure(self, pts: list[tuple[float, float]]) -> None:
+        self.line = shapely.LineString(pts)
+        self._show(pts)
+        self.label.setText(distance_text(self.line.length, self.mpp()))
+        self.label.setPos(*pts[-1])
+
+    def cancel(self) -> None:
+        super().cancel()
+        self.line = None
+        if self.label.scene() is not None:
+            self.label.setText("")
+
+    def close(self) -> None:
+        super().close()
+        if self.label.scene() is not None:
+            self.scene.removeItem(self.label)
+
+
 TOOL_CLASSES: dict[str, type[Tool]] = {
     "rectangle": RectangleTool,
     "polygon": PolygonTool,
     "freehand": FreehandTool,
     "brush": BrushTool,
     "point": PointTool,
+    "ruler": RulerTool,
 }
