@@ -155,17 +155,22 @@ class BrightnessContrastEffect(QGraphicsEffect):
         self.update()
 
     def draw(self, painter: QPainter) -> None:
-        pm, offset = self.sourcePixmap(Qt.CoordinateSystem.DeviceCoordinates)
-        if pm.isNull():
-            return
-        img = pm.toImage().convertToFormat(QImage.Format.Format_RGBA8888)
+        # Render the source into an image of the painted device, adjust it, draw it back.
+        # (PySide6's sourcePixmap() drops the offset it would be drawn at, hence drawSource.)
+        device = painter.device()
+        img = QImage(device.width(), device.height(), QImage.Format.Format_RGBA8888)
+        img.fill(Qt.GlobalColor.transparent)
+        off = QPainter(img)
+        off.setWorldTransform(painter.worldTransform())
+        self.drawSource(off)
+        off.end()
         w, h, bpl = img.width(), img.height(), img.bytesPerLine()
         arr = np.frombuffer(img.constBits(), np.uint8, count=bpl * h).reshape(h, bpl)[:, : w * 4].reshape(h, w, 4)
         out = arr.copy()
         out[..., :3] = self._lut[arr[..., :3]]
         painter.save()
         painter.setWorldTransform(QTransform())
-        painter.drawImage(offset, array_to_qimage(out))
+        painter.drawImage(0, 0, array_to_qimage(out))
         painter.restore()
 
 

@@ -228,3 +228,43 @@ def test_crop_export_runs_as_a_job_with_progress_and_cancel(qtbot, window: MainW
     assert len(list((tmp_path / "fine").glob("*_r*.mask.png"))) == 25
     first = Image.open(next((tmp_path / "fine").glob("*_r0.png")))
     assert first.size == (900, 900)
+
+
+def test_ruler_visibility_fill_adjustment_and_shortcuts(qtbot, window: MainWindow) -> None:
+    """What QuPath users look for (issue 13, item 12)."""
+    store = window.annotations.store
+    use(window, "rectangle")
+    drag(qtbot, window, [(400, 400), (1000, 1000)])
+    use(window, "ruler")
+    drag(qtbot, window, [(100, 100), (400, 500)])  # 500 level-0 px at 0.499 um/px
+    assert len(store) == 1  # a measurement is not an annotation
+    line = window.view.tool.line
+    tolerance = 2 / window.view.scale_factor  # mouse positions are whole screen pixels
+    assert abs(line.length - 500) < 2 * tolerance
+    expected = f"{line.length * window.slide.mpp:,.1f} \u00b5m"
+    assert window.view.tool.label.text() == expected
+    assert window.statusBar().currentMessage().startswith(f"Distance: {expected} (")
+    item = next(iter(window.annotations.layer.items.values()))
+    window.show_annotations_action.trigger()
+    assert not item.isVisible()
+    window.show_annotations_action.trigger()
+    window.fill_annotations_action.trigger()
+    assert item.isVisible() and not item.fill
+    use(window, "pan")
+    qtbot.waitUntil(window.view.is_sharp, timeout=10_000)
+    before = qimage_mean(window)
+    window.view.set_adjustment(-0.3, 1.0)
+    assert window.view.adjustment.isEnabled()
+    assert qimage_mean(window) < before - 40
+    window.view.set_adjustment(0.0, 1.0)
+    assert not window.view.adjustment.isEnabled() and abs(qimage_mean(window) - before) < 1
+    window._on_shortcuts_triggered()
+    table = window.shortcuts_dialog.table
+    rows = {table.item(r, 1).text(): table.item(r, 0).text() for r in range(table.rowCount())}
+    assert rows["IDC heatmap"] == "H" and rows["Ruler"] == "L" and rows["Show annotations"] == "A"
+
+
+def qimage_mean(window: MainWindow) -> float:
+    from viewer.layers import qimage_to_array
+
+    return float(qimage_to_array(window.view.viewport().grab().toImage()).mean())
