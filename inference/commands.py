@@ -15,6 +15,7 @@ from tqdm import tqdm
 from inference.annotation_io import dumps_geojson, read_file
 from inference.annotations import AnnotationError, AnnotationStore, regions_from_heatmap
 from inference.atomic import atomic_path, write_bytes
+from inference.domain import warnings as domain_warnings
 from inference.export import export_regions
 from inference.heatmap import DEFAULT_COLORMAP, Heatmap
 from inference.model import load_checkpoint, pick_device
@@ -82,6 +83,8 @@ def run_predict(args: Any) -> int:
             paths = write_outputs(heatmap, out_dir, Path(slide_path).stem, mpp=slide.mpp,
                                   min_area_um2=args.min_area)
             print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+            for text in domain_warnings(slide.mpp, model.meta, heatmap.domain_score):
+                print(f"idc-viewer predict: warning: {Path(slide_path).name}: {text}", file=sys.stderr)
     return 1 if failures else 0
 
 

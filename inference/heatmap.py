@@ -89,6 +89,7 @@ class Heatmap:
         self.tissue = tissue  # (patch rows, patch cols) bool: patches to compute
         self.patch_done = np.zeros(tissue.shape, bool)
         self.patch_prob = np.full(tissue.shape, np.nan, np.float32)
+        self.patch_domain = np.full(tissue.shape, np.nan, np.float32)  # inference.domain scores
         self._prob: np.ndarray | None = None
         self._context_prob: np.ndarray | None = None
         self._context = True
@@ -156,6 +157,12 @@ class Heatmap:
         return out
 
     @property
+    def domain_score(self) -> float | None:
+        """Median distance of the computed patches from the training domain (None if unknown)."""
+        done = self.patch_domain[self.patch_done & np.isfinite(self.patch_domain)]
+        return float(np.median(done)) if len(done) else None
+
+    @property
     def complete(self) -> bool:
         return bool(self.patch_done[self.tissue].all())
 
@@ -169,8 +176,8 @@ class Heatmap:
             self._writer += 1
             return self._writer
 
-    def add(self, rows: np.ndarray, cols: np.ndarray, probs: np.ndarray,
-            writer: int | None = None) -> tuple[int, int, int, int] | None:
+    def add(self, rows: np.ndarray, cols: np.ndarray, probs: np.ndarray, writer: int | None = None,
+            domain: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
         """Add patch results; returns the changed cell block (row0, col0, row1, col1), exclusive.
 
         With ``writer`` (from :meth:`claim`), a superseded run's results are dropped (None).
@@ -182,6 +189,8 @@ class Heatmap:
             self._prob = self._context_prob = None
             self.patch_prob[rows, cols] = probs
             self.patch_done[rows, cols] = True
+            if domain is not None:
+                self.patch_domain[rows, cols] = domain
             for dr in range(k):
                 for dc in range(k):
                     np.add.at(self.sum, (rows + dr, cols + dc), probs)
@@ -214,6 +223,7 @@ class Heatmap:
             np.savez_compressed(
                 tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
                 tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,
+                patch_domain=self.patch_domain,
                 meta=np.array(json.dumps(meta)),
             )
         return path
@@ -230,6 +240,8 @@ class Heatmap:
             hm = cls(info, z["tissue"])
             hm.sum, hm.count = z["sum"], z["count"]
             hm.patch_done, hm.patch_prob = z["patch_done"], z["patch_prob"]
+            if "patch_domain" in z.files:
+                hm.patch_domain = z["patch_domain"]
         return hm
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from inference.domain import feature_scores
 from inference.heatmap import Heatmap, HeatmapInfo
 from inference.model import LoadedModel, normalise, to_float
 from inference.patches import PatchGrid
@@ -51,6 +52,7 @@ class BatchResult:
     done: int
     total: int
     elapsed_s: float
+    domain: np.ndarray | None = None  # per-patch distance from the training domain (inference.domain)
 
     @property
     def patches_per_s(self) -> float:
@@ -149,14 +151,15 @@ def predict_slide(
             pending.append((pool.submit(_read_block, slide, grid, r0, c0, rr, cc), rr, cc))
             next_block += 1
 
-    def run(images: np.ndarray) -> np.ndarray:
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
             x = normalise(to_float(images, device), model.meta)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = net(x)
-            return torch.sigmoid(logits.float()).cpu().numpy()
+                feats = net.features(x)
+                logits = net.head(feats).squeeze(1)
+            return torch.sigmoid(logits.float()).cpu().numpy(), feature_scores(feats, model.meta.domain)
 
     buf_img: list[np.ndarray] = []
     buf_r: list[np.ndarray] = []
@@ -177,8 +180,8 @@ def predict_slide(
             rows = np.concatenate(buf_r)
             cols = np.concatenate(buf_c)
             n = min(want, len(rows))
-            probs = run(images[:n])
-            block = heatmap.add(rows[:n], cols[:n], probs, writer)
+            probs, domain = run(images[:n])
+            block = heatmap.add(rows[:n], cols[:n], probs, writer, domain)
             if block is None:
                 return  # another run took this heatmap over
             done += n
@@ -186,7 +189,7 @@ def predict_slide(
             buffered = len(rows) - n
             if buffered == 0:
                 buf_img, buf_r, buf_c = [], [], []
-            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0)
+            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0, domain)
     finally:
         for fut, _rr, _cc in pending:
             fut.cancel()

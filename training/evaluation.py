@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from inference.domain import fit_domain, model_features
 from inference.heatmap import Heatmap
 from inference.model import (
     LoadedModel,
@@ -192,6 +193,22 @@ def _evaluate_patches(args: Any, model: LoadedModel) -> int:
     return 0
 
 
+#: Patches per training patient for the domain statistics (enough for a stable median).
+DOMAIN_PATCHES_PER_PATIENT = 60
+
+
+def training_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
+    """Domain statistics (inference.domain) of the model's training patients, as JPEG q80 patches."""
+    held_out = {str(p) for key in ("val_patients", "test_patients") for p in model.meta.provenance.get(key, ())}
+    data, _ = load_sources([FolderSource(str(d), tuple(args.exclude_patient), DOMAIN_PATCHES_PER_PATIENT)
+                            for d in args.data], model.meta)
+    train = data.subset(~np.isin(data.groups.astype(str), list(held_out)))
+    if not len(train):
+        raise ValueError("No training patients are left in these folders to describe the model's domain.")
+    feats = model_features(model, jpeg_batch(train.images, 80), pick_device(args.device))
+    return fit_domain(feats, train.groups.astype(str))
+
+
 def run_calibrate(args: Any) -> int:
     """Choose threshold and context on rebuilt validation slides; write a calibrated copy."""
     model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
@@ -204,12 +221,14 @@ def run_calibrate(args: Any) -> int:
     for row in cal.table:
         print(f"{row['sigma']:6.2f}{row['threshold']:11.2f}{row['balanced_accuracy']:9.4f}{row['auc']:8.4f}",
               file=sys.stderr)
-    meta = replace(model.meta, threshold=cal.threshold,
+    domain = training_domain(args, model)
+    meta = replace(model.meta, threshold=cal.threshold, domain=domain,
                    context_sigma=cal.sigma, context_threshold=cal.context_threshold if cal.sigma else None,
                    metrics={**model.meta.metrics, "calibration": {
                        "jpeg_quality": args.jpeg_quality if args.jpeg_quality is not None else 80,
                        "patients": sorted(r.name for r in results), "table": cal.table}})
     save_checkpoint(args.out, model.net, meta)
     print(f"wrote {args.out}: threshold {cal.threshold:.2f}, context sigma {cal.sigma:g} cells"
-          + (f", context threshold {cal.context_threshold:.2f}" if cal.sigma else ""), file=sys.stderr)
+          + (f", context threshold {cal.context_threshold:.2f}" if cal.sigma else "")
+          + f", domain limit {domain['score_limit']:.2f} over {domain['patients']} training patients", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from inference.domain import warnings as domain_warnings
 from inference.heatmap import COLORMAPS, DEFAULT_COLORMAP, Heatmap, HeatmapInfo, colormap_lut
 from inference.model import pick_device
 from inference.patches import GridError
@@ -155,6 +156,10 @@ class InferencePanel(QWidget):
         self.agreement_label = QLabel("")
         self.agreement_label.setWordWrap(True)
         layout.addWidget(self.agreement_label)
+        self.domain_label = QLabel("")
+        self.domain_label.setWordWrap(True)
+        self.domain_label.setStyleSheet("QLabel { color: #a00000; font-weight: bold; }")
+        layout.addWidget(self.domain_label)
         layout.addStretch(1)
 
     def _update_controls(self) -> None:
@@ -197,6 +202,7 @@ class InferencePanel(QWidget):
             self._load_cached()
         if self.truth_box.isChecked():
             self._on_truth_toggled(True)
+        self._update_domain()
         self._update_controls()
 
     @Slot(object)
@@ -205,6 +211,7 @@ class InferencePanel(QWidget):
         self.stop()
         self._remove_heatmap()
         self._load_cached()
+        self._update_domain()
         self._update_controls()
 
     @Slot(object)
@@ -214,6 +221,7 @@ class InferencePanel(QWidget):
         self.stop()
         self._remove_heatmap()
         self._load_cached()
+        self._update_domain()
         if was_shown:
             self.start()
         self._update_controls()
@@ -233,6 +241,7 @@ class InferencePanel(QWidget):
         self.rate_label.setText("Loaded from cache." if hm.complete else
                                 "Partly computed earlier; Run resumes where it stopped.")
         self._update_agreement()
+        self._update_domain()
         return True
 
     def _show_progress(self, hm: Heatmap) -> None:
@@ -296,6 +305,7 @@ class InferencePanel(QWidget):
             self._show_progress(self.heatmap)
             self.rate_label.setText(f"Done: {int(self.heatmap.tissue.sum())} tissue patches.")
             self._update_agreement()
+            self._update_domain()
             self.session.set_heatmap(self.heatmap)  # finished: measurements and regions follow
 
     @Slot(str)
@@ -376,6 +386,18 @@ class InferencePanel(QWidget):
             self.view.scene().addItem(self.truth)
         if self.truth is not None:
             self.truth.setVisible(on)
+
+    def _update_domain(self) -> None:
+        """Say when the slide lies outside what the model was trained on (resolution, appearance)."""
+        slide, model = self.session.slide, self.session.model
+        if slide is None or model is None:
+            self.domain_label.setText("")
+            return
+        score = self.heatmap.domain_score if self.heatmap is not None else None
+        texts = domain_warnings(slide.mpp, model.meta, score)
+        self.domain_label.setText("\n".join(f"\u26a0 {t}" for t in texts))
+        if texts:
+            self.status_message.emit(texts[0])
 
     def _update_agreement(self) -> None:
         if self.heatmap is None or self.ground_truth is None:
