@@ -1,91 +1,93 @@
-"""Headless `predict` command: heatmap .npz, colour-mapped .png and per-patch .csv per slide."""
+"""Headless `predict` and `export` commands: per slide heatmap .npz/.png/.csv/.geojson, and the cohort summary."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from inference.annotation_io import dumps_geojson, read_file
-from inference.annotations import AnnotationError, AnnotationStore, regions_from_heatmap
-from inference.atomic import atomic_path, write_bytes
+from inference import cohort
+from inference.annotation_io import read_file
+from inference.annotations import AnnotationError, AnnotationStore
 from inference.domain import warnings as domain_warnings
 from inference.export import export_regions
-from inference.heatmap import DEFAULT_COLORMAP, Heatmap
-from inference.model import load_checkpoint, pick_device
+from inference.heatmap import Heatmap
+from inference.model import LoadedModel, load_checkpoint, pick_device
 from inference.predict import BatchResult, PredictSettings
-from inference.session import Planned, infer
-from inference.slide import SlideError, open_slide
+from inference.session import Planned
+from inference.slide import open_slide
 from resources import shipped_model_path
 
 log = logging.getLogger(__name__)
 
 
-def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = DEFAULT_COLORMAP,
-                  mpp: float | None = None, min_area_um2: float = 0.0) -> list[Path]:
-    """Write <stem>.heatmap.npz/.heatmap.png/.patches.csv and IDC regions <stem>.idc.geojson."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    npz = heatmap.save(out_dir / f"{stem}.heatmap.npz")
-    png = out_dir / f"{stem}.heatmap.png"
-    with atomic_path(png) as tmp:
-        Image.fromarray(heatmap.to_rgba(colormap)).save(tmp)
-    csv_path = out_dir / f"{stem}.patches.csv"
-    rows, cols = np.nonzero(heatmap.patch_done)
-    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["row", "col", "x_l0", "y_l0", "w_l0", "h_l0", "prob_idc"])
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            rect = heatmap.grid.patch_rect(r, c)
-            w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
-    regions = regions_from_heatmap(heatmap, heatmap.threshold, min_area_um2, mpp)
-    geojson = out_dir / f"{stem}.idc.geojson"
-    write_bytes(geojson, dumps_geojson(regions, AnnotationStore()))
-    return [npz, png, csv_path, geojson]
-
-
 def run_predict(args: Any) -> int:
-    device = pick_device(args.device)
-    model = load_checkpoint(args.model or shipped_model_path(), device)
-    settings = PredictSettings(stride_px=args.stride, batch_size=args.batch_size)
+    """Heatmaps of slides and folders of slides, on the local engine or on Ray; cohort summary."""
+    slides = cohort.find_slides(args.slides)
+    if not slides:
+        raise cohort.CohortError("No slide files were found in the paths given.")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails now, not after the work
-    failures = 0
-    for slide_path in args.slides:
-        try:
-            slide = open_slide(slide_path, mpp=args.mpp)
-        except SlideError as exc:
-            print(f"idc-viewer predict: error: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        with slide:
-            if slide.mpp is None:
-                print(f"idc-viewer predict: error: {Path(slide_path).name} has no resolution (MPP); "
-                      "pass --mpp UM.", file=sys.stderr)
-                failures += 1
-                continue
-            heatmap = None
-            with tqdm(desc=Path(slide_path).name, unit="patch", file=sys.stderr) as bar:
-                for report in infer(slide, model, device, settings, read_cache=not args.no_cache):
-                    if isinstance(report, Planned):
-                        bar.reset(total=report.total)
-                        bar.update(report.resumed)
-                    elif isinstance(report, BatchResult):
-                        bar.update(len(report.rows))
-                    else:
-                        heatmap = report.heatmap
-            assert heatmap is not None
-            paths = write_outputs(heatmap, out_dir, Path(slide_path).stem, mpp=slide.mpp,
-                                  min_area_um2=args.min_area)
-            print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-            for text in domain_warnings(slide.mpp, model.meta, heatmap.domain_score):
-                print(f"idc-viewer predict: warning: {Path(slide_path).name}: {text}", file=sys.stderr)
-    return 1 if failures else 0
+    model_path = str(args.model or shipped_model_path())
+    device = pick_device(args.device)
+    model = load_checkpoint(model_path, device)
+    settings = PredictSettings(stride_px=args.stride, batch_size=args.batch_size)
+    tasks = cohort.tasks_for(slides, out_dir, model_path, settings=settings, mpp=args.mpp, device=args.device,
+                             min_area_um2=args.min_area)
+    if args.no_cache:
+        for t in tasks:
+            (out_dir / f"{t.stem}.heatmap.npz").unlink(missing_ok=True)
+    outcomes: list[cohort.SlideOutcome | None] = [None] * len(tasks)
+    meta = {"model": model.model_id, "engine": args.engine, "out": str(out_dir)}
+    slide_bar = tqdm(total=len(tasks), desc="slides", unit="slide", file=sys.stderr, disable=None)
+    patch_bar = tqdm(desc="patches", unit="patch", file=sys.stderr, disable=None, leave=False)
+
+    def on_report(_i: int, report: object) -> None:
+        if isinstance(report, Planned):
+            patch_bar.reset(total=report.total)
+            patch_bar.update(report.resumed)
+        elif isinstance(report, BatchResult):
+            patch_bar.update(len(report.rows))
+
+    if args.engine == "ray":
+        from inference.cohort_ray import run_ray
+
+        results = run_ray(tasks, args.address, args.workers)
+    else:
+        results = cohort.run_local(tasks, model, on_report)
+    try:
+        for i, outcome in results:
+            outcomes[i] = outcome
+            slide_bar.update(1)
+            name = Path(tasks[i].slide).name
+            if outcome.status == "failed":
+                print(f"idc-viewer predict: error: {name}: {outcome.reason}.", file=sys.stderr)
+            elif outcome.status == "skipped":
+                print(f"idc-viewer predict: {name}: skipped, {outcome.reason}.", file=sys.stderr)
+            if outcome.status != "failed":
+                _print_domain_warnings(out_dir / f"{tasks[i].stem}.heatmap.npz", name, model)
+            cohort.write_summary(out_dir, [o for o in outcomes if o is not None], meta)
+    finally:
+        patch_bar.close()
+        slide_bar.close()
+    done = [o for o in outcomes if o is not None]
+    print(f"idc-viewer predict: {sum(o.status == 'done' for o in done)} computed, "
+          f"{sum(o.status == 'skipped' for o in done)} skipped, {sum(o.status == 'failed' for o in done)} failed; "
+          f"summary in {out_dir / cohort.SUMMARY_CSV}", file=sys.stderr)
+    return 1 if any(o.status == "failed" for o in done) else 0
+
+
+def _print_domain_warnings(npz: Path, name: str, model: LoadedModel) -> None:
+    try:
+        heatmap = Heatmap.load(npz)
+    except (OSError, ValueError, KeyError):
+        return
+    slide_mpp = heatmap.grid.slide_mpp
+    for text in domain_warnings(slide_mpp, model.meta, heatmap.domain_score):
+        print(f"idc-viewer predict: warning: {name}: {text}", file=sys.stderr)
 
 
 def run_export(args: Any) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import threading
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -220,12 +222,9 @@ class Heatmap:
         meta = {**asdict(self.info), "cell_l0": g.stride_l0, "patch_l0": g.patch_l0,
                 "frame": "level-0 pixels; cell (row, col) covers [col*cell_l0, (col+1)*cell_l0) in x"}
         with self._lock, atomic_path(path) as tmp:
-            np.savez_compressed(
-                tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
-                tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,
-                patch_domain=self.patch_domain,
-                meta=np.array(json.dumps(meta)),
-            )
+            _savez(tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
+                   tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,
+                   patch_domain=self.patch_domain, meta=np.array(json.dumps(meta, sort_keys=True)))
         return path
 
     @classmethod
@@ -243,6 +242,18 @@ class Heatmap:
             if "patch_domain" in z.files:
                 hm.patch_domain = z["patch_domain"]
         return hm
+
+
+def _savez(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    """np.savez_compressed with fixed zip timestamps: the same heatmap gives the same bytes
+    (cohort runs on Ray and locally are compared byte for byte)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())
 
 
 def load_cached(info: HeatmapInfo) -> Heatmap | None:

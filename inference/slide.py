@@ -30,6 +30,9 @@ MAX_SIDE_L0 = 2_000_000
 #: Plain images are decoded whole; refuse ones that would not fit in memory comfortably.
 MAX_PLAIN_PIXELS = 400_000_000
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+#: Every file suffix the viewer opens: OpenSlide's formats and plain images.
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+                  ".dcm", *sorted(PLAIN_SUFFIXES))
 
 
 class SlideError(UserError):

@@ -70,8 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
-    pr = sub.add_parser("predict", help="compute IDC heatmaps of slides")
-    pr.add_argument("slides", nargs="+", help="slide files")
+    pr = sub.add_parser("predict", help="compute IDC heatmaps of slides or folders of slides (a cohort)",
+                        description="Per slide: <stem>.heatmap.npz/.png, .patches.csv and .idc.geojson; beside "
+                        "them cohort.csv and cohort.json. Slides whose results exist for this model and settings "
+                        "are skipped; a slide that fails is recorded with its reason and the others go on.")
+    pr.add_argument("slides", nargs="+", metavar="SLIDE_OR_FOLDER",
+                    help="slide files, or folders searched for every slide format the viewer opens")
+    pr.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: slides one after another here; ray: one Ray task per slide (needs the cluster extra)")
+    pr.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a local one)")
+    pr.add_argument("--workers", type=int, default=2, help="with --engine ray: slides computed at once (default 2)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

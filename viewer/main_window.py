@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from inference.geometry import Rect
 from inference.model import LoadedModel
-from inference.slide import Slide, SlideError, open_slide
+from inference.slide import SLIDE_SUFFIXES, Slide, SlideError, open_slide
 from inference.tiles import TileKey
 from resources import demo_slide_path, resource_path
 from viewer.annotation_controller import AnnotationController
@@ -43,10 +43,7 @@ from viewer.training_tab import TrainingTab
 
 log = logging.getLogger(__name__)
 
-SLIDE_FILTER = (
-    "Slides and images (*.svs *.tif *.tiff *.ndpi *.vms *.vmu *.scn *.mrxs *.svslide *.bif *.dcm "
-    "*.png *.jpg *.jpeg *.bmp);;All files (*)"
-)
+SLIDE_FILTER = f"Slides and images ({' '.join('*' + s for s in SLIDE_SUFFIXES)});;All files (*)"
 MAX_RECENT = 10
 
 

@@ -1,0 +1,252 @@
+"""Cohorts: heatmaps of many slides, one task per slide, and the cohort summary.
+
+:func:`run_slide` is the one piece of work per slide, run as it is by the local engine and, as a
+Ray task, by ``inference.cohort_ray`` (Ray is an optional extra this module never imports). A
+slide whose outputs exist for this model and settings is skipped; a slide that fails is recorded
+with its one-line reason and the others go on. ``cohort.csv`` and ``cohort.json`` are rewritten
+(atomically) after every slide, so an interrupted run leaves every finished slide complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from inference.annotation_io import dumps_geojson
+from inference.annotations import AnnotationStore, regions_from_heatmap
+from inference.atomic import atomic_path, write_bytes
+from inference.errors import UserError
+from inference.heatmap import DEFAULT_COLORMAP, Heatmap
+from inference.model import LoadedModel, load_checkpoint, pick_device
+from inference.predict import BatchResult, PredictSettings, heatmap_info
+from inference.session import Planned, infer
+from inference.slide import SLIDE_SUFFIXES, open_slide
+
+log = logging.getLogger(__name__)
+
+SUMMARY_CSV, SUMMARY_JSON = "cohort.csv", "cohort.json"
+
+
+class CohortError(UserError):
+    """The cohort cannot run (no slides, no Ray...); one sentence."""
+
+
+def find_slides(paths: Iterable[str | Path]) -> list[Path]:
+    """Slide files given, and every slide of the viewer's formats under the folders given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES
+                          and not f.name.endswith(".heatmap.png"))
+        else:
+            out.append(p)
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+
+
+def output_stems(slides: Sequence[Path]) -> list[str]:
+    """One output name per slide: its stem, made unique with _2, _3... in input order."""
+    used: dict[str, int] = {}
+    out = []
+    for s in slides:
+        n = used.get(s.stem, 0) + 1
+        used[s.stem] = n
+        out.append(s.stem if n == 1 else f"{s.stem}_{n}")
+    return out
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    """Everything one slide's work needs; small and picklable (it travels to Ray workers)."""
+
+    slide: str
+    out_dir: str
+    stem: str
+    model_path: str
+    settings: PredictSettings = PredictSettings()
+    mpp: float | None = None
+    device: str = "auto"
+    min_area_um2: float = 0.0
+    threads: int | None = None  # torch CPU threads in this process (None: leave as is)
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """One row of the cohort summary."""
+
+    slide: str
+    status: str  # done | skipped | failed
+    reason: str = ""
+    tissue_area_um2: float | None = None
+    idc_area_um2: float | None = None
+    idc_fraction: float | None = None
+    largest_idc_region_um2: float | None = None
+    max_probability: float | None = None
+    mean_probability: float | None = None
+    model_id: str = ""
+    seconds: float = 0.0
+    engine: str = "local"
+
+
+COLUMNS = tuple(f.name for f in fields(SlideOutcome))
+
+
+def figures(heatmap: Heatmap, mpp: float) -> dict[str, float | None]:
+    """Cohort figures of a finished heatmap, on the map shown by default (context when defined)."""
+    cell_um2 = (heatmap.grid.stride_l0 * mpp) ** 2
+    prob = heatmap.prob
+    computed = np.isfinite(prob)
+    tissue = float(computed.sum()) * cell_um2
+    idc_cells = computed & (np.nan_to_num(prob, nan=-1.0) >= heatmap.threshold)
+    idc = float(idc_cells.sum()) * cell_um2
+    regions = regions_from_heatmap(heatmap, heatmap.threshold, 0.0, mpp)
+    return {
+        "tissue_area_um2": round(tissue, 1),
+        "idc_area_um2": round(idc, 1),
+        "idc_fraction": round(idc / tissue, 6) if tissue else None,
+        "largest_idc_region_um2": round(max((r.area_um2(mpp) or 0.0 for r in regions), default=0.0), 1),
+        "max_probability": round(float(np.nanmax(prob)), 6) if computed.any() else None,
+        "mean_probability": round(float(np.nanmean(prob)), 6) if computed.any() else None,
+    }
+
+
+def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = DEFAULT_COLORMAP,
+                  mpp: float | None = None, min_area_um2: float = 0.0) -> list[Path]:
+    """Write <stem>.heatmap.npz/.heatmap.png/.patches.csv and IDC regions <stem>.idc.geojson."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = heatmap.save(out_dir / f"{stem}.heatmap.npz")
+    png = out_dir / f"{stem}.heatmap.png"
+    with atomic_path(png) as tmp:
+        Image.fromarray(heatmap.to_rgba(colormap)).save(tmp)
+    csv_path = out_dir / f"{stem}.patches.csv"
+    rows, cols = np.nonzero(heatmap.patch_done)
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["row", "col", "x_l0", "y_l0", "w_l0", "h_l0", "prob_idc"])
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            rect = heatmap.grid.patch_rect(r, c)
+            w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
+    # Ids from the heatmap and each region's rank: the same heatmap always writes the same file.
+    regions = [replace(r, id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"idc-heatmap:{heatmap.info.key()}:{r.name}")))
+               for r in regions_from_heatmap(heatmap, heatmap.threshold, min_area_um2, mpp)]
+    geojson = out_dir / f"{stem}.idc.geojson"
+    write_bytes(geojson, dumps_geojson(regions, AnnotationStore()))
+    return [npz, png, csv_path, geojson]
+
+
+def run_slide(task: SlideTask, model: LoadedModel | None = None, engine: str = "local",
+              on_report: Callable[[object], None] | None = None) -> SlideOutcome:
+    """Heatmap outputs of one slide (the same files as `idc-viewer predict`), or why not.
+
+    Never raises for a bad slide: the reason is in the outcome.
+    """
+    t0 = time.perf_counter()
+    name = Path(task.slide).name
+    try:
+        if task.threads:
+            import torch
+
+            torch.set_num_threads(task.threads)
+        model = model or load_checkpoint(task.model_path, pick_device(task.device))
+        with open_slide(task.slide, mpp=task.mpp) as slide:
+            if slide.mpp is None:
+                return SlideOutcome(name, "failed", "the slide has no resolution (MPP); pass --mpp UM",
+                                    model_id=model.model_id, engine=engine)
+            out_dir = Path(task.out_dir)
+            existing = _finished(out_dir / f"{task.stem}.heatmap.npz", heatmap_info(slide, model, task.settings).key())
+            if existing is not None:
+                return SlideOutcome(name, "skipped", "results exist for this model and settings",
+                                    **figures(existing, slide.mpp), model_id=model.model_id, engine=engine)
+            heatmap = None
+            for report in infer(slide, model, pick_device(task.device), task.settings, read_cache=False):
+                if on_report is not None and isinstance(report, Planned | BatchResult):
+                    on_report(report)
+                if not isinstance(report, Planned | BatchResult):
+                    heatmap = report.heatmap
+            assert heatmap is not None
+            write_outputs(heatmap, out_dir, task.stem, mpp=slide.mpp, min_area_um2=task.min_area_um2)
+            return SlideOutcome(name, "done", "", **figures(heatmap, slide.mpp), model_id=model.model_id,
+                                seconds=round(time.perf_counter() - t0, 2), engine=engine)
+    except UserError as exc:
+        return SlideOutcome(name, "failed", _one_line(exc), seconds=round(time.perf_counter() - t0, 2), engine=engine)
+    except Exception as exc:  # a decoder or a worker problem: this slide fails, the cohort goes on
+        log.exception("slide %s failed", task.slide)
+        return SlideOutcome(name, "failed", f"{type(exc).__name__}: {_one_line(exc)}",
+                            seconds=round(time.perf_counter() - t0, 2), engine=engine)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+
+
+def _finished(npz: Path, key: str) -> Heatmap | None:
+    """The complete heatmap already written for this key, or None."""
+    if not npz.exists():
+        return None
+    try:
+        hm = Heatmap.load(npz)
+    except (OSError, ValueError, KeyError):
+        return None
+    return hm if hm.info.key() == key and hm.complete else None
+
+
+def write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str, Any]) -> list[Path]:
+    """cohort.csv (one row per slide, plain decimals) and cohort.json (rows and totals), atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for o in outcomes:
+        w.writerow(["" if v is None else (f"{v:.6f}".rstrip("0").rstrip(".") if isinstance(v, float) else v)
+                    for v in (getattr(o, c) for c in COLUMNS)])
+    write_bytes(out_dir / SUMMARY_CSV, buf.getvalue().encode())
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
+    body = {**meta, "slides": len(outcomes), **counts, "rows": [asdict(o) for o in outcomes]}
+    write_bytes(out_dir / SUMMARY_JSON, json.dumps(body, indent=1).encode())
+    return [out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON]
+
+
+def read_summary(path: Path) -> dict[str, SlideOutcome]:
+    """Rows of a cohort.csv by slide file name (empty if absent or unreadable)."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return {}
+    out = {}
+    for r in rows:
+        try:
+            kw: dict[str, Any] = {}
+            for f in fields(SlideOutcome):
+                v = r.get(f.name, "")
+                if f.name in ("slide", "status", "reason", "model_id", "engine"):
+                    kw[f.name] = v
+                else:
+                    kw[f.name] = float(v) if v not in ("", None) else (0.0 if f.name == "seconds" else None)
+            out[kw["slide"]] = SlideOutcome(**kw)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def tasks_for(slides: Sequence[Path], out_dir: Path, model_path: str, **kw: Any) -> list[SlideTask]:
+    return [SlideTask(str(s), str(out_dir), stem, model_path, **kw) for s, stem in zip(slides, output_stems(slides),
+                                                                                        strict=True)]
+
+
+def run_local(tasks: Sequence[SlideTask], model: LoadedModel | None = None,
+              on_report: Callable[[int, object], None] | None = None) -> Iterator[tuple[int, SlideOutcome]]:
+    """The local engine: slides one after the other in this process, the model loaded once."""
+    for i, task in enumerate(tasks):
+        cb = (lambda r, i=i: on_report(i, r)) if on_report is not None else None
+        yield i, run_slide(task, model, "local", cb)

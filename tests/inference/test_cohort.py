@@ -1,0 +1,91 @@
+"""Cohorts: local and Ray engines give the same files; failures are recorded; reruns skip."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.cohort import find_slides, output_stems, read_summary
+from inference.geometry import Rect
+from inference.slide import open_slide
+from inference.tiff_writer import write_pyramid_from_array
+from tests.conftest import DEMO
+from viewer.cli import main
+
+OUTPUT_SUFFIXES = (".heatmap.npz", ".heatmap.png", ".patches.csv", ".idc.geojson")
+
+
+@pytest.fixture(scope="module")
+def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small JPEG pyramids of real tissue (crops of the demo slide, 4 um/px) and a bad file."""
+    d = tmp_path_factory.mktemp("cohort")
+    (d / "sub").mkdir()
+    with open_slide(DEMO) as s:
+        for i, (x, y) in enumerate([(1200, 900), (1700, 1300), (600, 1500)]):
+            img = s.read(Rect(x, y, 500, 400), (500, 400))
+            where = d / "sub" if i == 2 else d
+            write_pyramid_from_array(where / f"case{i}.tif", img, 4.0, downsamples=(1, 4), compression="jpeg")
+    (d / "broken.svs").write_bytes(b"not a slide at all" * 100)
+    (d / "notes.txt").write_text("not a slide either, and not a slide format")
+    return d
+
+
+def test_folders_are_searched_for_slide_formats(cohort_dir: Path) -> None:
+    names = [p.name for p in find_slides([cohort_dir])]
+    assert sorted(names) == ["broken.svs", "case0.tif", "case1.tif", "case2.tif"]
+    assert output_stems([Path("a/x.svs"), Path("b/x.svs"), Path("c/y.tif")]) == ["x", "x_2", "y"]
+
+
+def _outputs(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.name.endswith(OUTPUT_SUFFIXES)}
+
+
+def test_local_and_ray_give_the_same_files_failures_are_recorded_and_reruns_skip(cohort_dir: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    pytest.importorskip("ray", reason="Ray is not installed (the cluster extra)")
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    assert main(["predict", str(cohort_dir), "--out", str(local)]) == 1  # the broken file fails
+    assert main(["predict", str(cohort_dir), "--out", str(on_ray), "--engine", "ray", "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("broken.svs") >= 2
+    a, b = _outputs(local), _outputs(on_ray)
+    assert len(a) == 3 * len(OUTPUT_SUFFIXES) and a == b  # byte for byte
+    rows = read_summary(on_ray / "cohort.csv")
+    assert {r.status for n, r in rows.items() if n.startswith("case")} == {"done"}
+    assert rows["broken.svs"].status == "failed" and rows["broken.svs"].reason
+    assert all(r.engine == "ray" for r in rows.values())
+    with open(local / "cohort.csv", newline="") as fh:
+        local_rows = {r["slide"]: r for r in csv.DictReader(fh)}
+    for name in ("case0.tif", "case1.tif", "case2.tif"):
+        for key in ("tissue_area_um2", "idc_area_um2", "idc_fraction", "max_probability"):
+            assert local_rows[name][key] == f"{getattr(rows[name], key):.6f}".rstrip("0").rstrip(".")
+        assert 0 < rows[name].tissue_area_um2 <= 500 * 400 * 16
+    summary = json.loads((on_ray / "cohort.json").read_text())
+    assert (summary["done"], summary["failed"], summary["slides"]) == (3, 1, 4)
+    # A second run skips every finished slide and leaves its files as they were.
+    assert main(["predict", str(cohort_dir), "--out", str(on_ray), "--engine", "ray"]) == 1
+    again = read_summary(on_ray / "cohort.csv")
+    assert [again[f"case{i}.tif"].status for i in range(3)] == ["skipped"] * 3
+    assert again["case0.tif"].idc_area_um2 == rows["case0.tif"].idc_area_um2
+    assert _outputs(on_ray) == b
+
+
+def test_ray_missing_is_one_sentence_naming_the_extra(cohort_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):  # noqa: ANN001, ANN202
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert main(["predict", str(cohort_dir / "case0.tif"), "--out", str(tmp_path), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == 'idc-viewer predict: error: The Ray engine needs the cluster extra: pip install "idc-slide-viewer[cluster]".'
+    assert not np.any([p.suffix == ".npz" for p in tmp_path.iterdir()])
