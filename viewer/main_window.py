@@ -40,6 +40,7 @@ from viewer.session import SlideSession
 from viewer.slide_view import PRESETS, SlideView
 from viewer.tools import TOOLS
 from viewer.training_tab import TrainingTab
+from viewer.worklist_tab import WorklistTab
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.view, "Slide")
         self.tabs.addTab(self.training, "Training")
+        self.worklist = WorklistTab(self.session)
+        self.tabs.addTab(self.worklist, "Worklist")
+        self.worklist.open_requested.connect(self._on_worklist_open_requested)
         self.setCentralWidget(self.tabs)
         self.setAcceptDrops(True)
 
@@ -126,6 +130,9 @@ class MainWindow(QMainWindow):
         mb = self.menuBar()
         f = mb.addMenu("&File")
         self._action(f, "&Open slide\u2026", self._on_open_triggered, QKeySequence.StandardKey.Open)
+        self._action(f, "Open &folder (worklist)\u2026", self._on_open_folder_triggered, "Ctrl+Shift+O")
+        self._action(f, "&Next slide in the worklist", lambda: self.worklist.step(1), "Alt+Down")
+        self._action(f, "&Previous slide in the worklist", lambda: self.worklist.step(-1), "Alt+Up")
         self._action(f, "Open &demo slide", self._on_open_demo_triggered)
         self.recent_menu = f.addMenu("Open &recent")
         f.addSeparator()
@@ -301,6 +308,30 @@ class MainWindow(QMainWindow):
             self.open_path(path)
 
     @Slot()
+    def _on_open_folder_triggered(self) -> None:
+        start = str(Path(self.recent_files()[0]).parent) if self.recent_files() else str(Path.home())
+        folder = QFileDialog.getExistingDirectory(self, "Open a folder of slides", start)
+        if folder:
+            self.open_folder(folder)
+
+    def open_folder(self, folder: str | Path) -> int:
+        """Show a folder's slides in the worklist tab; returns how many were found."""
+        n = self.worklist.open_folder(folder)
+        self.tabs.setCurrentWidget(self.worklist)
+        return n
+
+    @Slot(object)
+    def _on_worklist_open_requested(self, path: Path) -> None:
+        """Open a worklist slide with its heatmap: at once from the cache, else computed now."""
+        if not self.open_path(path):
+            return
+        self.tabs.setCurrentWidget(self.view)
+        self.inference.show_box.setChecked(True)
+        hm = self.inference.heatmap
+        if self.slide is not None and self.slide.mpp is not None and not (hm is not None and hm.complete):
+            self.inference.start()
+
+    @Slot()
     def _on_open_demo_triggered(self) -> None:
         self.open_path(demo_slide_path())
 
@@ -448,6 +479,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.training.shutdown()  # the only place that waits for background threads
+        self.worklist.shutdown()
         self.inference.shutdown()
         self.annotations.shutdown()
         self.session.open(None)  # saves the annotations, stops reads, closes the file

@@ -1,0 +1,103 @@
+"""A folder of slides as a worklist: each slide's facts, heatmap status and cohort figures.
+
+Figures come from a ``cohort.csv`` written by `idc-viewer predict` (in the folder or one level
+below) or from the heatmap cache of the model in use; both generators run on a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from inference.cohort import SUMMARY_CSV, SlideOutcome, figures, find_slides, read_summary
+from inference.errors import UserError
+from inference.model import LoadedModel, pick_device
+from inference.predict import PredictSettings
+from inference.session import cached_heatmap, infer
+from inference.slide import open_slide
+
+log = logging.getLogger(__name__)
+
+THUMB_PX = 72
+DEFAULT_SETTINGS = PredictSettings()
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    """One slide of the worklist (figures None where unknown)."""
+
+    path: Path
+    dimensions: tuple[int, int] | None = None
+    mpp: float | None = None
+    status: str = "not computed"  # computed | partly computed | not computed | failed | unreadable
+    reason: str = ""
+    idc_fraction: float | None = None
+    idc_area_um2: float | None = None
+    largest_idc_region_um2: float | None = None
+    max_probability: float | None = None
+    thumbnail: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+def cohort_rows(folder: Path) -> dict[str, SlideOutcome]:
+    """cohort.csv rows found in the folder or its direct subfolders, by slide file name."""
+    out: dict[str, SlideOutcome] = {}
+    for csv_path in [folder / SUMMARY_CSV, *sorted(folder.glob(f"*/{SUMMARY_CSV}"))]:
+        out.update(read_summary(csv_path))
+    return out
+
+
+def list_folder(folder: str | Path) -> list[WorklistRow]:
+    """The folder's slides (searched below it for every format the viewer opens), names only."""
+    return [WorklistRow(p) for p in find_slides([folder])]
+
+
+def scan(folder: str | Path, rows: Sequence[WorklistRow], model: LoadedModel | None,
+         settings: PredictSettings = DEFAULT_SETTINGS) -> Iterator[tuple[int, WorklistRow]]:
+    """Each listed row filled in (facts, thumbnail, figures), in order."""
+    cohort = cohort_rows(Path(folder))
+    for i, r in enumerate(rows):
+        yield i, describe(r.path, model, settings, cohort.get(r.path.name))
+
+
+def describe(path: Path, model: LoadedModel | None, settings: PredictSettings = DEFAULT_SETTINGS,
+             summary: SlideOutcome | None = None) -> WorklistRow:
+    """A slide's row: facts, thumbnail, and its figures from the cache, else from the summary."""
+    try:
+        with open_slide(path) as slide:
+            row = WorklistRow(path, slide.dimensions, slide.mpp, thumbnail=slide.thumbnail(THUMB_PX))
+            hm = cached_heatmap(slide, model, settings) if model is not None and slide.mpp else None
+            if hm is not None and hm.complete:
+                f = figures(hm, slide.mpp)
+                return replace(row, status="computed", idc_fraction=f["idc_fraction"],
+                               idc_area_um2=f["idc_area_um2"], largest_idc_region_um2=f["largest_idc_region_um2"],
+                               max_probability=f["max_probability"])
+            if summary is not None and summary.status in ("done", "skipped", "failed"):
+                status = "failed" if summary.status == "failed" else "computed"
+                return replace(row, status=status, reason=summary.reason, idc_fraction=summary.idc_fraction,
+                               idc_area_um2=summary.idc_area_um2,
+                               largest_idc_region_um2=summary.largest_idc_region_um2,
+                               max_probability=summary.max_probability)
+            if hm is not None:
+                return replace(row, status="partly computed")
+            if slide.mpp is None:
+                return replace(row, reason="no resolution (MPP)")
+            return row
+    except UserError as exc:
+        return WorklistRow(path, status="unreadable", reason=str(exc))
+
+
+def compute_missing(rows: Sequence[WorklistRow], model: LoadedModel, device: str = "auto",
+                    settings: PredictSettings = DEFAULT_SETTINGS) -> Iterator[tuple[int, WorklistRow]]:
+    """Compute the heatmaps the worklist lacks, one slide after another (the local engine);
+    yields each slide's new row. Stopping keeps the finished slides (and the current one's
+    finished cells, in the cache)."""
+    todo = [i for i, r in enumerate(rows) if r.status in ("not computed", "partly computed") and r.mpp]
+    for i in todo:
+        with open_slide(rows[i].path) as slide:
+            for _report in infer(slide, model, pick_device(device), settings):
+                pass
+        yield i, describe(rows[i].path, model, settings)
