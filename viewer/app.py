@@ -66,6 +66,13 @@ def run_gui(args: argparse.Namespace) -> int:
             return 2
     window = MainWindow(interactive=screenshot is None, model=model, device=args.device)
     window.resize(*_parse_size(args.size))
+    if path.is_dir():  # a folder of slides opens as the worklist
+        window.show()
+        window.open_folder(path)
+        if screenshot is None:
+            return app.exec()
+        return _screenshot_when(app, window, screenshot, lambda: not window.worklist.scanner.running(),
+                                window.worklist.scanner.finished)
     try:
         slide = open_slide(path, mpp=args.mpp)
     except SlideError as exc:
@@ -85,7 +92,22 @@ def run_gui(args: argparse.Namespace) -> int:
     if screenshot is None:
         return app.exec()
 
-    result = {"rc": 1}
+    def ready() -> bool:
+        heatmap_pending = args.heatmap and not (window.inference.heatmap is not None
+                                                and window.inference.heatmap.complete)
+        return not heatmap_pending and window.view.is_sharp()
+
+    window.inference.runner.failed.connect(lambda _msg: (window.close(), app.quit()))
+    QTimer.singleShot(0, window.view.request_update)
+    return _screenshot_when(app, window, screenshot, ready, window.view.became_sharp,
+                            window.inference.heatmap_finished, timeout_s=600 if args.heatmap else 120)
+
+
+def _screenshot_when(app, window, screenshot: str, ready, *signals, timeout_s: int = 120) -> int:  # noqa: ANN001
+    """Grab the window into ``screenshot`` once ``ready()`` holds after one of ``signals``."""
+    from PySide6.QtCore import QTimer
+
+    result: dict[str, int | bool] = {"rc": 1}
 
     def save() -> None:
         app.processEvents()
@@ -98,20 +120,18 @@ def run_gui(args: argparse.Namespace) -> int:
         app.quit()
 
     def timeout() -> None:
-        print("idc-viewer: error: the slide did not finish rendering within 120 s", file=sys.stderr)
+        print(f"idc-viewer: error: the window did not finish rendering within {timeout_s} s", file=sys.stderr)
         window.close()
         app.quit()
 
-    def save_when_ready() -> None:
-        heatmap_pending = args.heatmap and not (window.inference.heatmap is not None
-                                                and window.inference.heatmap.complete)
-        if not heatmap_pending and window.view.is_sharp():
+    def save_when_ready(*_: object) -> None:
+        if ready() and not result.get("saving"):
+            result["saving"] = True
             QTimer.singleShot(50, save)
 
-    window.view.became_sharp.connect(save_when_ready)
-    window.inference.heatmap_finished.connect(lambda _hm: QTimer.singleShot(0, save_when_ready))
-    window.inference.runner.failed.connect(lambda _msg: (window.close(), app.quit()))
-    QTimer.singleShot(600_000 if args.heatmap else 120_000, timeout)
-    QTimer.singleShot(0, window.view.request_update)
+    for signal in signals:
+        signal.connect(lambda *_a: QTimer.singleShot(0, save_when_ready))
+    QTimer.singleShot(timeout_s * 1000, timeout)
+    QTimer.singleShot(0, save_when_ready)
     app.exec()
     return result["rc"]

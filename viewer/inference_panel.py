@@ -161,6 +161,7 @@ class InferencePanel(QWidget):
         self.domain_label.setStyleSheet("QLabel { color: #a00000; font-weight: bold; }")
         layout.addWidget(self.domain_label)
         layout.addStretch(1)
+        self._on_style_changed()  # the threshold label shows the slider's value from the start
 
     def _update_controls(self) -> None:
         running = self.runner.running()
