@@ -37,12 +37,12 @@ def test_resolution_warning_only_when_coarser_than_the_model() -> None:
 
 @pytest.fixture(scope="module")
 def domain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped model with domain statistics of 40 real training patients."""
+    """The shipped model with domain statistics of its real training patients (20 patches each)."""
     from inference.model import save_checkpoint
 
     model = load_checkpoint(shipped_model_path())
     held = {str(p) for p in model.meta.provenance["val_patients"] + model.meta.provenance["test_patients"]}
-    data = load_folder(need_patches(), ("8975",), 40, 0)
+    data = load_folder(need_patches(), ("8975",), 20, 0)
     train = data.subset(~np.isin(data.groups.astype(str), list(held)))
     domain = fit_domain(model_features(model, jpeg_batch(train.images, 80)), train.groups.astype(str))
     path = tmp_path_factory.mktemp("domain") / "with_domain.pt"
@@ -51,7 +51,15 @@ def domain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_skin_slide_is_flagged_and_the_breast_demo_is_not(domain_model: Path, tmp_path: Path, capsys) -> None:
-    assert main(["predict", str(CMU_SVS), str(DEMO), "--out", str(tmp_path), "--model", str(domain_model)]) == 0
+    from inference.geometry import Rect
+    from inference.slide import open_slide
+    from inference.tiff_writer import write_pyramid_from_array
+
+    breast = tmp_path / "breast.tif"  # a quarter of the unseen demo patient's slide
+    with open_slide(DEMO) as s:
+        write_pyramid_from_array(breast, s.read(Rect(1000, 700, 1600, 1200), (1600, 1200)), 4.0, downsamples=(1, 4))
+    assert main(["predict", str(CMU_SVS), str(breast), "--out", str(tmp_path / "out"),
+                 "--model", str(domain_model)]) == 0
     err = capsys.readouterr().err
     warned = [ln for ln in err.splitlines() if "warning" in ln]
     assert len(warned) == 1 and CMU_SVS.name in warned[0] and "unlike the breast H&E" in warned[0], err
