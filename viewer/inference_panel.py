@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 
 from inference.domain import warnings as domain_warnings
 from inference.heatmap import COLORMAPS, DEFAULT_COLORMAP, Heatmap, HeatmapInfo, colormap_lut
-from inference.model import pick_device
+from inference.model import LoadedModel, pick_device
 from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Finished, Planned, cached_heatmap, infer
@@ -92,7 +92,8 @@ class InferencePanel(QWidget):
         self._update_controls()
 
     @property
-    def model(self):  # noqa: ANN201
+    def model(self) -> LoadedModel | None:
+        """The session's model (the panel has no model of its own)."""
         return self.session.model
 
     # -- widgets ----------------------------------------------------------------------------
