@@ -86,7 +86,7 @@ def _print_domain_warnings(npz: Path, name: str, model: LoadedModel) -> None:
     except (OSError, ValueError, KeyError):
         return
     slide_mpp = heatmap.grid.slide_mpp
-    for text in domain_warnings(slide_mpp, model.meta, heatmap.domain_score):
+    for text in domain_warnings(slide_mpp, model.meta, heatmap.domain_score(model.meta.domain)):
         print(f"idc-viewer predict: warning: {name}: {text}", file=sys.stderr)
 
 

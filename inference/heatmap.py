@@ -16,6 +16,7 @@ import numpy as np
 
 from inference.atomic import atomic_path
 from inference.context import context_prob, context_radius
+from inference.domain import N_STATS, slide_score
 from inference.patches import PatchGrid
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class Heatmap:
         self.tissue = tissue  # (patch rows, patch cols) bool: patches to compute
         self.patch_done = np.zeros(tissue.shape, bool)
         self.patch_prob = np.full(tissue.shape, np.nan, np.float32)
-        self.patch_domain = np.full(tissue.shape, np.nan, np.float32)  # inference.domain scores
+        #: (patch rows, patch cols, 9) colour statistics of each computed patch (inference.domain)
+        self.patch_stats = np.full((*tissue.shape, N_STATS), np.nan, np.float32)
         self._prob: np.ndarray | None = None
         self._context_prob: np.ndarray | None = None
         self._context = True
@@ -158,11 +160,11 @@ class Heatmap:
                 out[dr : dr + t.shape[0], dc : dc + t.shape[1]] |= t
         return out
 
-    @property
-    def domain_score(self) -> float | None:
-        """Median distance of the computed patches from the training domain (None if unknown)."""
-        done = self.patch_domain[self.patch_done & np.isfinite(self.patch_domain)]
-        return float(np.median(done)) if len(done) else None
+    def domain_score(self, domain: dict[str, object]) -> float | None:
+        """Distance of the computed patches' colour from the training domain (None if unknown)."""
+        done = self.patch_stats[self.patch_done]
+        done = done[np.isfinite(done).all(axis=1)]
+        return slide_score(done, domain)  # type: ignore[arg-type]
 
     @property
     def complete(self) -> bool:
@@ -179,7 +181,7 @@ class Heatmap:
             return self._writer
 
     def add(self, rows: np.ndarray, cols: np.ndarray, probs: np.ndarray, writer: int | None = None,
-            domain: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
+            stats: np.ndarray | None = None) -> tuple[int, int, int, int] | None:
         """Add patch results; returns the changed cell block (row0, col0, row1, col1), exclusive.
 
         With ``writer`` (from :meth:`claim`), a superseded run's results are dropped (None).
@@ -191,8 +193,8 @@ class Heatmap:
             self._prob = self._context_prob = None
             self.patch_prob[rows, cols] = probs
             self.patch_done[rows, cols] = True
-            if domain is not None:
-                self.patch_domain[rows, cols] = domain
+            if stats is not None:
+                self.patch_stats[rows, cols] = stats
             for dr in range(k):
                 for dc in range(k):
                     np.add.at(self.sum, (rows + dr, cols + dc), probs)
@@ -224,7 +226,7 @@ class Heatmap:
         with self._lock, atomic_path(path) as tmp:
             _savez(tmp, prob=self.raw_prob, computed=self.computed, sum=self.sum, count=self.count,
                    tissue=self.tissue, patch_done=self.patch_done, patch_prob=self.patch_prob,
-                   patch_domain=self.patch_domain, meta=np.array(json.dumps(meta, sort_keys=True)))
+                   patch_stats=self.patch_stats, meta=np.array(json.dumps(meta, sort_keys=True)))
         return path
 
     @classmethod
@@ -239,8 +241,8 @@ class Heatmap:
             hm = cls(info, z["tissue"])
             hm.sum, hm.count = z["sum"], z["count"]
             hm.patch_done, hm.patch_prob = z["patch_done"], z["patch_prob"]
-            if "patch_domain" in z.files:
-                hm.patch_domain = z["patch_domain"]
+            if "patch_stats" in z.files and z["patch_stats"].shape[:2] == hm.tissue.shape:
+                hm.patch_stats = z["patch_stats"]
         return hm
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inference.domain import feature_scores
+from inference.domain import patch_stats
 from inference.heatmap import Heatmap, HeatmapInfo
 from inference.model import LoadedModel, normalise, to_float
 from inference.patches import PatchGrid
@@ -52,7 +52,7 @@ class BatchResult:
     done: int
     total: int
     elapsed_s: float
-    domain: np.ndarray | None = None  # per-patch distance from the training domain (inference.domain)
+    stats: np.ndarray | None = None  # (n, 9) colour statistics of the patches (inference.domain)
 
     @property
     def patches_per_s(self) -> float:
@@ -151,15 +151,14 @@ def predict_slide(
             pending.append((pool.submit(_read_block, slide, grid, r0, c0, rr, cc), rr, cc))
             next_block += 1
 
-    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = normalise(to_float(images, device), model.meta)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                feats = net.features(x)
-                logits = net.head(feats).squeeze(1)
-            return torch.sigmoid(logits.float()).cpu().numpy(), feature_scores(feats, model.meta.domain)
+                logits = net(x)
+            return torch.sigmoid(logits.float()).cpu().numpy()
 
     buf_img: list[np.ndarray] = []
     buf_r: list[np.ndarray] = []
@@ -180,8 +179,9 @@ def predict_slide(
             rows = np.concatenate(buf_r)
             cols = np.concatenate(buf_c)
             n = min(want, len(rows))
-            probs, domain = run(images[:n])
-            block = heatmap.add(rows[:n], cols[:n], probs, writer, domain)
+            probs = run(images[:n])
+            stats = patch_stats(images[:n])
+            block = heatmap.add(rows[:n], cols[:n], probs, writer, stats)
             if block is None:
                 return  # another run took this heatmap over
             done += n
@@ -189,7 +189,7 @@ def predict_slide(
             buffered = len(rows) - n
             if buffered == 0:
                 buf_img, buf_r, buf_c = [], [], []
-            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0, domain)
+            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0, stats)
     finally:
         for fut, _rr, _cc in pending:
             fut.cancel()

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from inference import domain
 from inference.model import to_float
 from inference.slide import resize_rgb
 
-#: RGB optical density of pure haematoxylin, eosin and DAB (Ruifrok & Johnston 2001, as in skimage).
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
+RGB_FROM_HED = torch.tensor(domain.RGB_FROM_HED, dtype=torch.float32)  # one owner: inference.domain
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 
 #: Pillow's chroma subsampling codes: 4:4:4, 4:2:2, 4:2:0 (the last is what most scanners write).

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from inference.domain import fit_domain, model_features
+from inference.domain import fit_domain, patch_stats
 from inference.heatmap import Heatmap
 from inference.model import (
     LoadedModel,
@@ -198,15 +198,14 @@ DOMAIN_PATCHES_PER_PATIENT = 60
 
 
 def training_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
-    """Domain statistics (inference.domain) of the model's training patients, as JPEG q80 patches."""
+    """Colour statistics (inference.domain) of the model's training patients, as JPEG q80 patches."""
     held_out = {str(p) for key in ("val_patients", "test_patients") for p in model.meta.provenance.get(key, ())}
     data, _ = load_sources([FolderSource(str(d), tuple(args.exclude_patient), DOMAIN_PATCHES_PER_PATIENT)
                             for d in args.data], model.meta)
     train = data.subset(~np.isin(data.groups.astype(str), list(held_out)))
     if not len(train):
         raise ValueError("No training patients are left in these folders to describe the model's domain.")
-    feats = model_features(model, jpeg_batch(train.images, 80), pick_device(args.device))
-    return fit_domain(feats, train.groups.astype(str))
+    return fit_domain(patch_stats(jpeg_batch(train.images, 80)), train.groups.astype(str))
 
 
 def run_calibrate(args: Any) -> int:

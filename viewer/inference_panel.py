@@ -395,7 +395,7 @@ class InferencePanel(QWidget):
         if slide is None or model is None:
             self.domain_label.setText("")
             return
-        score = self.heatmap.domain_score if self.heatmap is not None else None
+        score = self.heatmap.domain_score(model.meta.domain) if self.heatmap is not None else None
         texts = domain_warnings(slide.mpp, model.meta, score)
         self.domain_label.setText("\n".join(f"\u26a0 {t}" for t in texts))
         if texts:
