@@ -89,3 +89,26 @@ def test_ray_missing_is_one_sentence_naming_the_extra(cohort_dir: Path, tmp_path
     err = capsys.readouterr().err.strip()
     assert err == 'idc-viewer predict: error: The Ray engine needs the cluster extra: pip install "idc-slide-viewer[cluster]".'
     assert not np.any([p.suffix == ".npz" for p in tmp_path.iterdir()])
+
+
+def test_ctrl_c_leaves_every_finished_slide_complete(cohort_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Interrupted during the second slide: the first slide's files and its summary row are complete."""
+    from inference import cohort
+
+    real = cohort.run_slide
+    calls = []
+
+    def interrupted(task, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(task)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task, *args, **kwargs)
+
+    monkeypatch.setattr(cohort, "run_slide", interrupted)
+    out = tmp_path / "out"
+    assert main(["predict", str(cohort_dir / "case0.tif"), str(cohort_dir / "case1.tif"), "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    rows = read_summary(out / "cohort.csv")
+    assert list(rows) == ["case0.tif"] and rows["case0.tif"].status == "done"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("case")) == [f"case0{s}" for s in sorted(OUTPUT_SUFFIXES)]
+    assert not list(out.glob(".*.part*"))  # no half-written file left (inference.atomic names)
