@@ -220,3 +220,29 @@ def test_a_worse_model_needs_confirmation_and_a_cancelled_run_offers_only_its_ow
     tab.cancel()
     assert tab.result_model is None and not tab.use_button.isEnabled()
     assert "nothing to keep" in tab.status.text()
+
+
+def test_switching_slides_50_times_while_fine_tuning(qtbot, window: MainWindow, tiny_folder: Path, slide_mpp) -> None:
+    """Fine-tune while the slide changes 50 times after seeded random delays (with a heatmap
+    started on each): only the current jobs' reports arrive, the run ends normally, no thread is left."""
+    import numpy as np
+
+    from tests.conftest import CMU_SVS
+
+    tab = window.training
+    configure(tab, tiny_folder, epochs=3)
+    epochs: list[EpochReport] = []
+    tab.runner.report.connect(lambda r: epochs.append(r) if isinstance(r, EpochReport) else None)
+    tab.start()
+    job = tab.runner.job_id
+    rng = np.random.default_rng(5)
+    slides = [DEMO, CMU_SVS, slide_mpp[0]]
+    for i in range(50):
+        assert window.open_path(slides[i % 3])
+        window.inference.start()
+        qtbot.wait(int(rng.integers(0, 60)))
+    qtbot.waitUntil(lambda: not tab.runner.running(), timeout=180_000)
+    assert tab.runner.job_id == job  # switching slides never restarted or stopped the fine-tune
+    assert [e.epoch for e in epochs] == [1, 2, 3] and tab.compare is not None
+    window.close()
+    assert tab.runner.threads() == 0 and window.inference.runner.threads() == 0
