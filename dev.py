@@ -55,8 +55,11 @@ def ensure_xvfb() -> None:
         print("note: xvfb-run is missing and we are not root; the real-window test will be skipped")
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    sh("apt-get", "update", "-qq", env=env)
-    sh("apt-get", "install", "-y", "-qq", *APT_PACKAGES, env=env)
+    try:
+        sh("apt-get", "update", "-qq", env=env)
+        sh("apt-get", "install", "-y", "-qq", *APT_PACKAGES, env=env)
+    except subprocess.CalledProcessError as exc:  # a broken package manager must not stop the suite
+        print(f"note: installing Xvfb failed ({exc}); the real-window test will be skipped")
 
 
 def test(extra: list[str]) -> int:
