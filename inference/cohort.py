@@ -51,8 +51,10 @@ def find_slides(paths: Iterable[str | Path]) -> list[Path]:
                           and not f.name.endswith(".heatmap.png"))
         else:
             out.append(p)
-    seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+    unique: dict[Path, Path] = {}  # a slide named twice (or via a link) is computed once
+    for p in out:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def output_stems(slides: Sequence[Path]) -> list[str]:
