@@ -27,10 +27,10 @@ from inference.annotation_io import dumps_geojson
 from inference.annotations import AnnotationStore, regions_from_heatmap
 from inference.atomic import atomic_path, write_bytes
 from inference.errors import UserError
-from inference.heatmap import DEFAULT_COLORMAP, Heatmap
+from inference.heatmap import DEFAULT_COLORMAP, Heatmap, load_matching
 from inference.model import LoadedModel, load_checkpoint, pick_device
-from inference.predict import BatchResult, PredictSettings, heatmap_info
-from inference.session import Planned, infer
+from inference.predict import PredictSettings, heatmap_info
+from inference.session import Finished, infer
 from inference.slide import SLIDE_SUFFIXES, open_slide
 
 log = logging.getLogger(__name__)
@@ -166,16 +166,16 @@ def run_slide(task: SlideTask, model: LoadedModel | None = None, engine: str = "
                 return SlideOutcome(name, "failed", "the slide has no resolution (MPP); pass --mpp UM",
                                     model_id=model.model_id, engine=engine)
             out_dir = Path(task.out_dir)
-            existing = _finished(out_dir / f"{task.stem}.heatmap.npz", heatmap_info(slide, model, task.settings).key())
-            if existing is not None:
+            existing = load_matching(out_dir / f"{task.stem}.heatmap.npz", heatmap_info(slide, model, task.settings))
+            if existing is not None and existing.complete:
                 return SlideOutcome(name, "skipped", "results exist for this model and settings",
                                     **figures(existing, slide.mpp), model_id=model.model_id, engine=engine)
             heatmap = None
             for report in infer(slide, model, pick_device(task.device), task.settings, read_cache=False):
-                if on_report is not None and isinstance(report, Planned | BatchResult):
-                    on_report(report)
-                if not isinstance(report, Planned | BatchResult):
+                if isinstance(report, Finished):
                     heatmap = report.heatmap
+                elif on_report is not None:
+                    on_report(report)
             assert heatmap is not None
             write_outputs(heatmap, out_dir, task.stem, mpp=slide.mpp, min_area_um2=task.min_area_um2)
             return SlideOutcome(name, "done", "", **figures(heatmap, slide.mpp), model_id=model.model_id,
@@ -190,17 +190,6 @@ def run_slide(task: SlideTask, model: LoadedModel | None = None, engine: str = "
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
-
-
-def _finished(npz: Path, key: str) -> Heatmap | None:
-    """The complete heatmap already written for this key, or None."""
-    if not npz.exists():
-        return None
-    try:
-        hm = Heatmap.load(npz)
-    except (OSError, ValueError, KeyError):
-        return None
-    return hm if hm.info.key() == key and hm.complete else None
 
 
 def write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[str, Any]) -> list[Path]:
@@ -231,10 +220,10 @@ def read_summary(path: Path) -> dict[str, SlideOutcome]:
             kw: dict[str, Any] = {}
             for f in fields(SlideOutcome):
                 v = r.get(f.name, "")
-                if f.name in ("slide", "status", "reason", "model_id", "engine"):
+                if f.type == "str":
                     kw[f.name] = v
                 else:
-                    kw[f.name] = float(v) if v not in ("", None) else (0.0 if f.name == "seconds" else None)
+                    kw[f.name] = float(v) if v not in ("", None) else f.default
             out[kw["slide"]] = SlideOutcome(**kw)
         except (TypeError, ValueError):
             continue

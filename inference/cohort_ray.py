@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from inference.cohort import CohortError, SlideOutcome, SlideTask, run_slide
 
@@ -57,8 +58,7 @@ def run_ray(tasks: Sequence[SlideTask], address: str | None = None, workers: int
                 yield i, ray.get(ref)
             except ray.exceptions.RayError as exc:
                 reason = " ".join(str(exc).split())[:200]
-                yield i, SlideOutcome(tasks[i].slide.rsplit("/", 1)[-1], "failed", f"Ray worker lost: {reason}",
-                                      engine="ray")
+                yield i, SlideOutcome(Path(tasks[i].slide).name, "failed", f"Ray worker lost: {reason}", engine="ray")
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)

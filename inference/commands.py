@@ -14,7 +14,7 @@ from inference.annotation_io import read_file
 from inference.annotations import AnnotationError, AnnotationStore
 from inference.domain import warnings as domain_warnings
 from inference.export import export_regions
-from inference.heatmap import Heatmap
+from inference.heatmap import Heatmap, load_matching
 from inference.model import LoadedModel, load_checkpoint, pick_device
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Planned
@@ -81,12 +81,10 @@ def run_predict(args: Any) -> int:
 
 
 def _print_domain_warnings(npz: Path, name: str, model: LoadedModel) -> None:
-    try:
-        heatmap = Heatmap.load(npz)
-    except (OSError, ValueError, KeyError):
+    heatmap = load_matching(npz)
+    if heatmap is None:
         return
-    slide_mpp = heatmap.grid.slide_mpp
-    for text in domain_warnings(slide_mpp, model.meta, heatmap.domain_score(model.meta.domain)):
+    for text in domain_warnings(heatmap.grid.slide_mpp, model.meta, heatmap.domain_score(model.meta.domain)):
         print(f"idc-viewer predict: warning: {name}: {text}", file=sys.stderr)
 
 

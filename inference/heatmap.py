@@ -11,6 +11,7 @@ import threading
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -160,11 +161,10 @@ class Heatmap:
                 out[dr : dr + t.shape[0], dc : dc + t.shape[1]] |= t
         return out
 
-    def domain_score(self, domain: dict[str, object]) -> float | None:
+    def domain_score(self, domain: dict[str, Any]) -> float | None:
         """Distance of the computed patches' colour from the training domain (None if unknown)."""
         done = self.patch_stats[self.patch_done]
-        done = done[np.isfinite(done).all(axis=1)]
-        return slide_score(done, domain)  # type: ignore[arg-type]
+        return slide_score(done[np.isfinite(done).all(axis=1)], domain)
 
     @property
     def complete(self) -> bool:
@@ -258,17 +258,22 @@ def _savez(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
             zf.writestr(info, buf.getvalue())
 
 
-def load_cached(info: HeatmapInfo) -> Heatmap | None:
-    """The cached heatmap for these inputs (finished or not), or None; a bad cache file is ignored."""
-    path = cache_path(info)
+def load_matching(path: Path, info: HeatmapInfo | None = None) -> Heatmap | None:
+    """The heatmap in ``path`` if it exists, reads, and was made from ``info`` (any, if None);
+    an unreadable file is ignored with a warning in the log."""
     if not path.exists():
         return None
     try:
         hm = Heatmap.load(path)
     except (OSError, ValueError, KeyError):
-        log.warning("ignoring unreadable cached heatmap %s", path, exc_info=True)
+        log.warning("ignoring unreadable heatmap %s", path, exc_info=True)
         return None
-    return hm if hm.info.key() == info.key() else None
+    return hm if info is None or hm.info.key() == info.key() else None
+
+
+def load_cached(info: HeatmapInfo) -> Heatmap | None:
+    """The cached heatmap for these inputs (finished or not), or None; a bad cache file is ignored."""
+    return load_matching(cache_path(info), info)
 
 
 def cache_path(info: HeatmapInfo) -> Path:

@@ -65,8 +65,8 @@ class ModelMeta:
     #: that map, both chosen on validation slides; 0 means the per-patch map only.
     context_sigma: float = 0.0
     context_threshold: float | None = None
-    #: What the training data looked like to the network (inference.domain): mean and spread of
-    #: its pooled features and the score above which a slide is outside that domain; {} if unknown.
+    #: What the training slides looked like (inference.domain): the training patients' colour
+    #: statistics and the score above which a slide is outside that domain; {} if unknown.
     domain: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -23,6 +23,8 @@ from inference.slide import open_slide
 log = logging.getLogger(__name__)
 
 THUMB_PX = 72
+#: The cohort figures a worklist row shows (names shared with inference.cohort's summary).
+FIGURES = ("idc_fraction", "idc_area_um2", "largest_idc_region_um2", "max_probability")
 DEFAULT_SETTINGS = PredictSettings()
 
 
@@ -72,15 +74,11 @@ def describe(path: Path, model: LoadedModel | None, settings: PredictSettings = 
             hm = cached_heatmap(slide, model, settings) if model is not None and slide.mpp else None
             if hm is not None and hm.complete:
                 f = figures(hm, slide.mpp)
-                return replace(row, status="computed", idc_fraction=f["idc_fraction"],
-                               idc_area_um2=f["idc_area_um2"], largest_idc_region_um2=f["largest_idc_region_um2"],
-                               max_probability=f["max_probability"])
+                return replace(row, status="computed", **{k: f[k] for k in FIGURES})
             if summary is not None and summary.status in ("done", "skipped", "failed"):
                 status = "failed" if summary.status == "failed" else "computed"
-                return replace(row, status=status, reason=summary.reason, idc_fraction=summary.idc_fraction,
-                               idc_area_um2=summary.idc_area_um2,
-                               largest_idc_region_um2=summary.largest_idc_region_um2,
-                               max_probability=summary.max_probability)
+                return replace(row, status=status, reason=summary.reason,
+                               **{k: getattr(summary, k) for k in FIGURES})
             if hm is not None:
                 return replace(row, status="partly computed")
             if slide.mpp is None:
