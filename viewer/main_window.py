@@ -327,8 +327,7 @@ class MainWindow(QMainWindow):
             return
         self.tabs.setCurrentWidget(self.view)
         self.inference.show_box.setChecked(True)
-        hm = self.inference.heatmap
-        if self.slide is not None and self.slide.mpp is not None and not (hm is not None and hm.complete):
+        if self.slide is not None and self.slide.mpp is not None:  # start() keeps a complete heatmap
             self.inference.start()
 
     @Slot()
