@@ -35,7 +35,8 @@ class WorklistRow:
     path: Path
     dimensions: tuple[int, int] | None = None
     mpp: float | None = None
-    status: str = "not computed"  # computed | partly computed | not computed | failed | unreadable
+    #: computed | computed (another model) | partly computed | not computed | failed | unreadable
+    status: str = "not computed"
     reason: str = ""
     idc_fraction: float | None = None
     idc_area_um2: float | None = None
@@ -77,6 +78,8 @@ def describe(path: Path, model: LoadedModel | None, settings: PredictSettings = 
                 return replace(row, status="computed", **{k: f[k] for k in FIGURES})
             if summary is not None and summary.status in ("done", "skipped", "failed"):
                 status = "failed" if summary.status == "failed" else "computed"
+                if model is not None and summary.model_id and summary.model_id != model.model_id:
+                    status += " (another model)"  # a cohort run with a model other than the one in use
                 return replace(row, status=status, reason=summary.reason,
                                **{k: getattr(summary, k) for k in FIGURES})
             if hm is not None:
@@ -88,12 +91,17 @@ def describe(path: Path, model: LoadedModel | None, settings: PredictSettings = 
         return WorklistRow(path, status="unreadable", reason=str(exc))
 
 
+def needs_heatmap(row: WorklistRow) -> bool:
+    """Whether *Compute missing heatmaps* would compute this slide (with the model in use)."""
+    return row.status in ("not computed", "partly computed", "computed (another model)") and row.mpp is not None
+
+
 def compute_missing(rows: Sequence[WorklistRow], model: LoadedModel, device: str = "auto",
                     settings: PredictSettings = DEFAULT_SETTINGS) -> Iterator[tuple[int, WorklistRow]]:
     """Compute the heatmaps the worklist lacks, one slide after another (the local engine);
     yields each slide's new row. Stopping keeps the finished slides (and the current one's
     finished cells, in the cache)."""
-    todo = [i for i, r in enumerate(rows) if r.status in ("not computed", "partly computed") and r.mpp]
+    todo = [i for i, r in enumerate(rows) if needs_heatmap(r)]
     for i in todo:
         with open_slide(rows[i].path) as slide:
             for _report in infer(slide, model, pick_device(device), settings):

@@ -18,7 +18,14 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from inference.worklist import THUMB_PX, WorklistRow, compute_missing, list_folder, scan
+from inference.worklist import (
+    THUMB_PX,
+    WorklistRow,
+    compute_missing,
+    list_folder,
+    needs_heatmap,
+    scan,
+)
 from viewer.layers import array_to_qimage
 from viewer.session import SlideSession
 from viewer.workers import JobRunner
@@ -81,7 +88,9 @@ class WorklistTab(QWidget):
         self.table.setIconSize(QSize(THUMB_PX, THUMB_PX))
         self.table.verticalHeader().setDefaultSectionSize(THUMB_PX + 6)
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)  # names stay readable
+        header.setStretchLastSection(True)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QTableWidget.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
@@ -179,7 +188,7 @@ class WorklistTab(QWidget):
         model = self.session.model
         if model is None or self.computer.running() or not self.rows:
             return
-        missing = [r for r in self.rows if r.status in ("not computed", "partly computed") and r.mpp]
+        missing = [r for r in self.rows if needs_heatmap(r)]
         if not missing:
             self.folder_label.setText("Every slide with a resolution has its heatmap.")
             return

@@ -81,3 +81,19 @@ def test_worklist_sorts_by_burden_opens_computes_and_cancels(qtbot, window: Main
     tab.step(1)
     assert window.slide.path.name == names_in_order(window)[1]
     window.close()
+
+
+def test_cohort_figures_of_another_model_are_marked_and_recomputed(folder: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    from dataclasses import replace
+
+    from inference.worklist import cohort_rows, describe, needs_heatmap
+
+    monkeypatch.setenv("IDC_VIEWER_CACHE", str(tmp_path / "empty-cache"))  # figures from cohort.csv only
+    model = load_checkpoint(shipped_model_path())
+    summary = cohort_rows(folder)["tumour.tif"]
+    assert describe(folder / "tumour.tif", model, summary=summary).status == "computed"
+    other = replace(summary, model_id="WRN-16-2-0123456789ab")
+    row = describe(folder / "tumour.tif", model, summary=other)
+    assert row.status == "computed (another model)" and row.idc_fraction == summary.idc_fraction
+    assert needs_heatmap(row)
