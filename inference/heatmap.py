@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from inference.atomic import atomic_path
-from inference.context import context_prob, context_radius
+from inference.context import ThresholdAdapt, context_prob, context_radius
 from inference.domain import N_STATS, slide_score
 from inference.patches import PatchGrid
 
@@ -62,11 +62,12 @@ class HeatmapInfo:
     threshold: float = 0.5  # the model's decision threshold on the per-patch map (not in the key)
     context_sigma: float = 0.0  # neighbourhood of the context map, in cells (0: none)
     context_threshold: float | None = None  # decision threshold on the context map (not in the key)
+    threshold_adapt: ThresholdAdapt | None = None  # thresholds follow the slide's scores (not in the key)
 
     def key(self) -> str:
         d = {**asdict(self), "grid_version": GRID_VERSION}
-        d.pop("threshold")
-        d.pop("context_threshold")
+        for name in ("threshold", "context_threshold", "threshold_adapt"):
+            d.pop(name)
         if not d["context_sigma"]:
             d.pop("context_sigma")  # keys of heatmaps without context are unchanged
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
@@ -97,6 +98,7 @@ class Heatmap:
         self.patch_stats = np.full((*tissue.shape, N_STATS), np.nan, np.float32)
         self._prob: np.ndarray | None = None
         self._context_prob: np.ndarray | None = None
+        self._shift: float | None = None  # of an adaptive threshold, from the cells computed so far
         self._context = True
         self._lock = threading.RLock()
         self._writer = 0  # the run allowed to add (see claim)
@@ -141,10 +143,20 @@ class Heatmap:
 
     @property
     def threshold(self) -> float:
-        """The model's decision threshold for the map shown."""
+        """The model's decision threshold for the map shown, on this slide.
+
+        With an adaptive threshold it follows the computed cells, so it settles as they arrive.
+        """
+        base = self.info.threshold
         if self.context and self.info.context_threshold is not None:
-            return self.info.context_threshold
-        return self.info.threshold
+            base = self.info.context_threshold
+        adapt = self.info.threshold_adapt
+        if adapt is None:
+            return base
+        with self._lock:
+            if self._shift is None:
+                self._shift = adapt.shift(self.raw_prob)
+            return adapt.threshold_shifted(base, self._shift)
 
     @property
     def computed(self) -> np.ndarray:
@@ -190,7 +202,7 @@ class Heatmap:
         with self._lock:
             if writer is not None and writer != self._writer:
                 return None
-            self._prob = self._context_prob = None
+            self._prob = self._context_prob = self._shift = None
             self.patch_prob[rows, cols] = probs
             self.patch_done[rows, cols] = True
             if stats is not None:
@@ -235,7 +247,8 @@ class Heatmap:
             meta = json.loads(str(z["meta"]))
             info = HeatmapInfo(meta["slide_fingerprint"], meta["model_id"], PatchGrid(**meta["grid"]),
                                meta["min_tissue"], meta.get("threshold", 0.5),
-                               meta.get("context_sigma", 0.0), meta.get("context_threshold"))
+                               meta.get("context_sigma", 0.0), meta.get("context_threshold"),
+                               ThresholdAdapt(**meta["threshold_adapt"]) if meta.get("threshold_adapt") else None)
             if z["tissue"].shape != info.grid.patch_shape or z["sum"].shape != info.grid.cell_shape:
                 raise ValueError(f"{Path(path).name} does not match its grid (written by another version).")
             hm = cls(info, z["tissue"])

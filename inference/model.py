@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from inference.atomic import write_bytes
+from inference.context import ThresholdAdapt
 from inference.errors import UserError
 
 FORMAT = "idc-viewer-checkpoint/1"
@@ -65,11 +66,18 @@ class ModelMeta:
     #: that map, both chosen on validation slides; 0 means the per-patch map only.
     context_sigma: float = 0.0
     context_threshold: float | None = None
+    #: Slide-adaptive threshold (inference.context.ThresholdAdapt as a dict), chosen on
+    #: validation slides; {} means the thresholds above hold on every slide.
+    threshold_adapt: dict[str, float] = field(default_factory=dict)
     #: What the training slides looked like (inference.domain): the training patients' colour
     #: statistics and the score above which a slide is outside that domain; {} if unknown.
     domain: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def adapt(self) -> ThresholdAdapt | None:
+        return ThresholdAdapt(**self.threshold_adapt) if self.threshold_adapt else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -80,7 +88,9 @@ class ModelMeta:
             d = json.loads(text)
             arch = Architecture(**d.pop("arch"))
             d["mean"], d["std"], d["classes"] = tuple(d["mean"]), tuple(d["std"]), tuple(d["classes"])
-            return cls(arch=arch, **d)
+            meta = cls(arch=arch, **d)
+            _ = meta.adapt  # a malformed adaptive threshold fails here, not in the middle of a slide
+            return meta
         except ModelError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

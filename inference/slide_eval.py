@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from inference import metrics as M
+from inference.context import ThresholdAdapt, logit
 from inference.heatmap import Heatmap
 from inference.model import LoadedModel
 from inference.predict import BatchResult, PredictSettings, plan, predict_slide
@@ -116,49 +117,104 @@ class Calibration:
     sigma: float
     threshold: float  # of the per-patch map
     context_threshold: float  # of the context map (equal to threshold when sigma is 0)
+    adapt: ThresholdAdapt | None  # thresholds follow each slide's scores; None: fixed
     table: list[dict[str, Any]]
 
 
-def _slide_scores(heatmaps: Sequence[Heatmap], labels: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+#: What calibration tries: fixed thresholds, and thresholds that follow one of these percentiles
+#: of the slide's per-patch logits with one of these slopes.
+THRESHOLDS = np.round(np.linspace(0.02, 0.98, 97), 2)
+PERCENTILES = (75.0, 90.0)
+SLOPES = np.round(np.arange(0.0, 1.201, 0.05), 2)
+
+
+@dataclass(frozen=True)
+class _Slide:
+    y: np.ndarray  # labels of the compared cells
+    z: np.ndarray  # logits of the map tried on those cells (outside tissue: probability 0)
+    raw: np.ndarray  # the per-patch map, which an adaptive threshold reads
+
+
+def _slides(heatmaps: Sequence[Heatmap], labels: Sequence[np.ndarray]) -> list[_Slide]:
+    """The slides with both classes, each with its compared cells (as :func:`agreement` does)."""
     out = []
     for hm, lab in zip(heatmaps, labels, strict=True):
         prob = hm.prob
         computed = np.isfinite(prob)
         use = (lab >= 0) & (computed | ~hm.tissue_cells)
-        y = lab[use].astype(np.int64)
+        y = lab[use].astype(bool)
         if 0 < y.sum() < len(y):
-            out.append((y, np.where(computed, prob, 0.0)[use]))
+            out.append(_Slide(y, logit(np.where(computed, prob, 0.0)[use]), hm.raw_prob))
     return out
 
 
-def _mean_bac(scores: list[tuple[np.ndarray, np.ndarray]], t: float) -> float:
-    return float(np.mean([M.compute(y, p, t).balanced_accuracy for y, p in scores]))
+def _bac_grid(slides: Sequence[_Slide], shifts: np.ndarray) -> np.ndarray:
+    """Balanced accuracy of every slide for every (slope, threshold): (slides, slopes, thresholds).
+
+    A slide's threshold is ``logit(t) + slope * shift`` (shift 0: the fixed threshold t).
+    """
+    out = np.empty((len(slides), len(SLOPES), len(THRESHOLDS)))
+    base = logit(THRESHOLDS)[None, :]
+    for i, (sl, shift) in enumerate(zip(slides, shifts, strict=True)):
+        t = base + SLOPES[:, None] * shift
+        pos, neg = np.sort(sl.z[sl.y]), np.sort(sl.z[~sl.y])
+        sens = 1 - np.searchsorted(pos, t, "left") / len(pos)  # called IDC: z >= t
+        spec = np.searchsorted(neg, t, "left") / len(neg)
+        out[i] = 0.5 * (sens + spec)
+    return out
+
+
+def _best(bac: np.ndarray) -> tuple[int, float, float]:
+    """The best flat (slope, threshold) index on all slides, its mean, and the leave-one-slide-out
+    mean: each slide judged at the setting chosen on the others (how calibration is compared)."""
+    n = len(bac)
+    flat = bac.reshape(n, -1)
+    total = flat.sum(axis=0)
+    j = int(np.argmax(total))
+    if n == 1:
+        return j, float(total[j]), float(total[j])
+    loo = [flat[i, int(np.argmax(total - flat[i]))] for i in range(n)]
+    return j, float(total[j] / n), float(np.mean(loo))
 
 
 def calibrate(heatmaps: Sequence[Heatmap], truths: Sequence[Truth], sigmas: Sequence[float] = SIGMAS) -> Calibration:
-    """Choose sigma and threshold maximising the mean per-slide balanced accuracy.
+    """Choose the context neighbourhood and the (fixed or slide-adaptive) threshold.
 
+    Every candidate is scored by the mean per-slide balanced accuracy left one slide out, so an
+    adaptive threshold, which has more to fit, wins only where it holds on slides it did not see.
     Only slides with both classes count; each slide weighs the same, as each patient does.
     """
     labels = [cell_truth(hm.grid, t)[0] for hm, t in zip(heatmaps, truths, strict=True)]
-    grid = np.round(np.linspace(0.02, 0.98, 97), 2)
-    table, best = [], None
+    raw_slides = _slides(heatmaps, labels)
+    if not raw_slides:
+        raise ValueError("No validation slide holds both IDC and non-IDC cells; calibration needs some.")
+    adapts = {}
+    for q in PERCENTILES:
+        values = np.array([np.percentile(logit(s.raw[np.isfinite(s.raw)]), q) for s in raw_slides])
+        adapts[q] = ThresholdAdapt(q, 1.0, float(np.median(values)), float(values.min()), float(values.max()))
+    shifts = {q: np.array([a.shift(s.raw) for s in raw_slides]) for q, a in adapts.items()}
+    fixed = np.zeros(len(raw_slides))
+    table, grids = [], {}
     for sigma in sigmas:
-        tried = [_with_sigma(hm, sigma) for hm in heatmaps]
-        scores = _slide_scores(tried, labels)
-        if not scores:
-            raise ValueError("No validation slide holds both IDC and non-IDC cells; calibration needs some.")
-        bacs = [_mean_bac(scores, float(t)) for t in grid]
-        i = int(np.argmax(bacs))
-        auc = float(np.nanmean([M.roc_auc(y, p) for y, p in scores]))
-        row = {"sigma": sigma, "threshold": float(grid[i]), "balanced_accuracy": round(bacs[i], 4),
-               "auc": round(auc, 4), "slides": len(scores)}
-        table.append(row)
-        if best is None or row["balanced_accuracy"] > best["balanced_accuracy"] + 1e-9:
-            best = row
-    assert best is not None
-    raw_t = next(r["threshold"] for r in table if r["sigma"] == 0) if 0.0 in sigmas else best["threshold"]
-    return Calibration(best["sigma"], raw_t, best["threshold"], table)
+        slides = _slides([_with_sigma(hm, sigma) for hm in heatmaps], labels)
+        auc = float(np.nanmean([M.roc_auc(s.y.astype(np.int64), s.z) for s in slides]))
+        for q in (None, *PERCENTILES):
+            grid = _bac_grid(slides, fixed if q is None else shifts[q])
+            if q is None:
+                grid = grid[:, :1]  # slope 0 only
+            grids[sigma, q] = grid
+            j, mean, loo = _best(grid)
+            slope_i, t_i = np.unravel_index(j, grid.shape[1:])
+            table.append({"sigma": sigma, "percentile": q, "slope": float(SLOPES[slope_i]),
+                          "threshold": float(THRESHOLDS[t_i]), "balanced_accuracy": round(mean, 4),
+                          "loo_balanced_accuracy": round(loo, 4), "auc": round(auc, 4), "slides": len(slides)})
+    best = max(table, key=lambda r: r["loo_balanced_accuracy"])  # first of equals: simplest
+    q, slope_i = best["percentile"], int(np.searchsorted(SLOPES, best["slope"]))
+    adapt = replace(adapts[q], slope=best["slope"]) if q is not None and best["slope"] else None
+    raw_grid = grids.get((0.0, q))
+    raw_t = float(THRESHOLDS[int(np.argmax(raw_grid[:, slope_i].sum(axis=0)))]) if raw_grid is not None \
+        else best["threshold"]
+    return Calibration(best["sigma"], raw_t, best["threshold"], adapt, table)
 
 
 def _with_sigma(heatmap: Heatmap, sigma: float) -> Heatmap:

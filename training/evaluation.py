@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,7 @@ def _print_slides(results: list[SlideResult], model: LoadedModel) -> None:
 def _slide_report(results: list[SlideResult], model: LoadedModel) -> dict[str, Any]:
     return {"model": model.model_id, "threshold": model.meta.threshold,
             "context_sigma": model.meta.context_sigma, "context_threshold": model.meta.context_threshold,
+            "threshold_adapt": model.meta.threshold_adapt,
             "slides": [r.as_dict() for r in results],
             "mean": summary(results, "shown"), "mean_per_patch_map": summary(results, "raw")}
 
@@ -211,23 +212,28 @@ def training_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
 def run_calibrate(args: Any) -> int:
     """Choose threshold and context on rebuilt validation slides; write a calibrated copy."""
     model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
-    raw = replace(model, meta=replace(model.meta, context_sigma=0.0, context_threshold=None))
+    raw = replace(model, meta=replace(model.meta, context_sigma=0.0, context_threshold=None, threshold_adapt={}))
     with tempfile.TemporaryDirectory(prefix="idc-calibrate-") as tmp:
         results, heatmaps, truths = _run_slides(_rebuilt(args, model, Path(tmp)), raw, args, keep=True)
     cal = calibrate(heatmaps, truths)
-    print(f"{'sigma':>6}{'threshold':>11}{'bal.acc':>9}{'AUC':>8}   (mean over {cal.table[0]['slides']} validation slides)",
-          file=sys.stderr)
+    print(f"{'sigma':>6}{'threshold':>11}{'follows':>9}{'slope':>7}{'bal.acc':>9}{'left out':>10}{'AUC':>8}"
+          f"   (mean over {cal.table[0]['slides']} validation slides; 'left out': each slide judged "
+          "at the setting chosen on the others)", file=sys.stderr)
     for row in cal.table:
-        print(f"{row['sigma']:6.2f}{row['threshold']:11.2f}{row['balanced_accuracy']:9.4f}{row['auc']:8.4f}",
-              file=sys.stderr)
+        follows = "-" if row["percentile"] is None else f"P{row['percentile']:g}"
+        print(f"{row['sigma']:6.2f}{row['threshold']:11.2f}{follows:>9}{row['slope']:7.2f}"
+              f"{row['balanced_accuracy']:9.4f}{row['loo_balanced_accuracy']:10.4f}{row['auc']:8.4f}", file=sys.stderr)
     domain = training_domain(args, model)
     meta = replace(model.meta, threshold=cal.threshold, domain=domain,
                    context_sigma=cal.sigma, context_threshold=cal.context_threshold if cal.sigma else None,
+                   threshold_adapt=asdict(cal.adapt) if cal.adapt else {},
                    metrics={**model.meta.metrics, "calibration": {
                        "jpeg_quality": args.jpeg_quality if args.jpeg_quality is not None else 80,
                        "patients": sorted(r.name for r in results), "table": cal.table}})
     save_checkpoint(args.out, model.net, meta)
+    adapt = cal.adapt
     print(f"wrote {args.out}: threshold {cal.threshold:.2f}, context sigma {cal.sigma:g} cells"
           + (f", context threshold {cal.context_threshold:.2f}" if cal.sigma else "")
+          + (f", following the slide's P{adapt.percentile:g} logit with slope {adapt.slope:g}" if adapt else "")
           + f", domain limit {domain['score_limit']:.2f} over {domain['patients']} training patients", file=sys.stderr)
     return 0

@@ -141,6 +141,9 @@ class InferencePanel(QWidget):
         self.threshold = QSlider(Qt.Orientation.Horizontal)
         self.threshold.setRange(0, 100)
         self.threshold.setValue(50)  # follows the model's threshold once a heatmap is shown
+        self._followed: int | None = None  # the value the slider was last set to by the model
+        self.threshold.setToolTip("Cells at or above this IDC probability are shown. It starts at the model's "
+                                  "threshold for this slide and map, which regions and agreement use too.")
         self.threshold.valueChanged.connect(self._on_style_changed)
         self.threshold_label = QLabel("0.00")
         trow = QHBoxLayout()
@@ -178,7 +181,9 @@ class InferencePanel(QWidget):
             m = self.model.meta
             self.model_label.setText(
                 f"Model {self.model.model_id}: {m.patch_size}x{m.patch_size} px patches at "
-                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m), threshold {m.threshold:.2f}"
+                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m), threshold "
+                + (f"{m.context_threshold if m.context_threshold is not None else m.threshold:.2f}"
+                   + (", adapted to each slide's scores" if m.adapt else ""))
             )
 
     # -- session ----------------------------------------------------------------------------
@@ -299,11 +304,13 @@ class InferencePanel(QWidget):
             self._show_progress(report.heatmap)
             self.rate_label.setText("Computing\u2026")
         elif isinstance(report, BatchResult) and self.layer is not None:
-            self.layer.refresh(report.block)
+            if not self._follow_threshold():  # an adaptive threshold settles as cells arrive
+                self.layer.refresh(report.block)
             self.progress.setValue(report.done)
             eta = "" if report.eta_s == float("inf") else f", ETA {report.eta_s:.0f} s"
             self.rate_label.setText(f"{report.patches_per_s:.0f} patches/s{eta}")
         elif isinstance(report, Finished) and self.heatmap is not None:
+            self._follow_threshold()
             self._show_progress(self.heatmap)
             self.rate_label.setText(f"Done: {int(self.heatmap.tissue.sum())} tissue patches.")
             self._update_agreement()
@@ -328,7 +335,7 @@ class InferencePanel(QWidget):
         heatmap.context = self.context_box.isChecked()
         self.layer = HeatmapLayer(heatmap)
         self.view.scene().addItem(self.layer)
-        self._follow_threshold()
+        self._follow_threshold(force=True)
         self._on_style_changed()
         self.layer.setVisible(self.show_box.isChecked())
         self.session.set_heatmap(heatmap)
@@ -347,10 +354,16 @@ class InferencePanel(QWidget):
             self.view.scene().removeItem(self.truth)
             self.truth = None
 
-    def _follow_threshold(self) -> None:
-        """Show only cells at or above the model's threshold for the map shown (the default)."""
-        if self.heatmap is not None:
-            self.threshold.setValue(round(self.heatmap.threshold * 100))
+    def _follow_threshold(self, force: bool = False) -> bool:
+        """Show only cells at or above the model's threshold for the map shown on this slide (the
+        default); once the user has moved the slider it stays where they put it, unless ``force``.
+        Returns whether the slider moved (the whole layer was redrawn)."""
+        if self.heatmap is None or not (force or self.threshold.value() == self._followed):
+            return False
+        self._followed = round(self.heatmap.threshold * 100)
+        moved = self._followed != self.threshold.value()
+        self.threshold.setValue(self._followed)
+        return moved
 
     @Slot()
     def _on_style_changed(self, *_: object) -> None:
@@ -370,7 +383,7 @@ class InferencePanel(QWidget):
         if self.heatmap is None:
             return
         self.heatmap.context = on
-        self._follow_threshold()
+        self._follow_threshold(force=True)
         if self.layer is not None:
             self.layer.refresh()
         self._update_agreement()

@@ -19,13 +19,15 @@ from inference.truth import TruthError, cell_truth, load_truth
 from viewer.cli import main
 
 
-def make_heatmap(prob: np.ndarray, sigma: float = 0.0, threshold: float = 0.5) -> Heatmap:
-    """A complete heatmap with the given per-cell probabilities on a 50 px grid at 4 um/px."""
+def make_heatmap(prob: np.ndarray, sigma: float = 0.0, threshold: float = 0.5, adapt=None) -> Heatmap:
+    """A heatmap with the given per-cell probabilities (NaN: not computed yet) on a 50 px grid at
+    4 um/px; the tissue is the whole grid when cells are missing, else the computed cells."""
     rows, cols = prob.shape
     grid = PatchGrid.build((cols * 50, rows * 50), 4.0, 4.0, 50)
-    tissue = np.isfinite(prob)
-    hm = Heatmap(HeatmapInfo("slide", "model", grid, 0.1, threshold, sigma, threshold if sigma else None), tissue)
-    rr, cc = np.nonzero(tissue)
+    tissue = np.isfinite(prob) if adapt is None else np.ones(prob.shape, bool)
+    hm = Heatmap(HeatmapInfo("slide", "model", grid, 0.1, threshold, sigma, threshold if sigma else None, adapt),
+                 tissue)
+    rr, cc = np.nonzero(np.isfinite(prob))
     hm.add(rr, cc, prob[rr, cc].astype(np.float32))
     return hm
 
@@ -117,8 +119,60 @@ def test_calibration_picks_context_when_neighbours_help() -> None:
 
         truths.append(Truth(regions, f"s{i}"))
     cal = calibrate(heatmaps, truths)
-    rows = {r["sigma"]: r for r in cal.table}
+    rows = {r["sigma"]: r for r in cal.table if r["percentile"] is None}  # fixed thresholds
     assert cal.sigma > 0 and rows[cal.sigma]["balanced_accuracy"] > rows[0.0]["balanced_accuracy"] + 0.05
+
+
+def _grid_truth(y: np.ndarray, name: str):
+    from inference.truth import Truth
+
+    regions = tuple((shapely.box(c * 50, r * 50, c * 50 + 50, r * 50 + 50), int(y[r, c]))
+                    for r in range(y.shape[0]) for c in range(y.shape[1]))
+    return Truth(regions, name)
+
+
+def test_calibration_adapts_the_threshold_to_slides_whose_scores_are_shifted() -> None:
+    """Each slide ranks its cells well, but its scores sit higher or lower as a whole: one fixed
+    threshold fails some slides, a threshold that follows the slide's scores holds on all,
+    also on slides it was not fitted on (the left-out figure)."""
+    rng = np.random.default_rng(1)
+    heatmaps, truths = [], []
+    for i, shift in enumerate(np.linspace(-2.5, 2.5, 8)):
+        y = (rng.random((12, 12)) < 0.3).astype(int)
+        z = 2.0 * (y - 0.3) + rng.normal(0, 0.6, y.shape) + shift
+        heatmaps.append(make_heatmap((1 / (1 + np.exp(-z))).astype(np.float32)))
+        truths.append(_grid_truth(y, f"s{i}"))
+    cal = calibrate(heatmaps, truths, sigmas=(0.0,))
+    fixed = next(r for r in cal.table if r["percentile"] is None)
+    chosen = max(cal.table, key=lambda r: r["loo_balanced_accuracy"])
+    assert cal.adapt is not None and cal.adapt.percentile == chosen["percentile"] and cal.adapt.slope > 0.5
+    assert chosen["loo_balanced_accuracy"] > fixed["loo_balanced_accuracy"] + 0.05
+    # Each heatmap, given the calibrated model's settings, now draws the line where its own scores are.
+    for hm in heatmaps:
+        adapted = make_heatmap(hm.raw_prob, threshold=cal.threshold, adapt=cal.adapt)
+        assert (adapted.threshold > cal.threshold) == (cal.adapt.shift(hm.raw_prob) > 0)
+    low, high = (make_heatmap(heatmaps[k].raw_prob, threshold=cal.threshold, adapt=cal.adapt) for k in (0, -1))
+    assert low.threshold < cal.threshold < high.threshold
+
+
+def test_adaptive_threshold_follows_the_computed_cells_and_is_clamped(cache_dir: Path) -> None:
+    from inference.context import ThresholdAdapt
+
+    adapt = ThresholdAdapt(percentile=50.0, slope=1.0, reference=0.0, low=-1.0, high=1.0)
+    assert adapt.shift(np.array([np.nan])) == 0.0  # nothing computed yet: the model's threshold
+    assert adapt.shift(np.full(4, 0.5)) == pytest.approx(0.0)
+    assert adapt.shift(np.full(4, 0.999)) == pytest.approx(1.0)  # clamped to the calibrated range
+    prob = np.full((4, 4), 0.2, np.float32)
+    hm = make_heatmap(np.where(np.arange(16).reshape(4, 4) < 8, prob, np.nan), threshold=0.5, adapt=adapt)
+    first = hm.threshold
+    assert first == pytest.approx(1 / (1 + np.exp(1.0)))  # median logit of 0.2 is -1.39, clamped to -1
+    rr, cc = np.nonzero(~hm.patch_done)
+    hm.add(rr, cc, np.full(len(rr), 0.9, np.float32))  # the rest of the slide arrives, scoring high
+    # The cached shift was dropped with the new cells: median logit now (logit 0.2 + logit 0.9) / 2.
+    assert hm.threshold == pytest.approx(1 / (1 + np.exp(-(np.log(0.25) + np.log(9)) / 2)), rel=1e-5)
+    back = Heatmap.load(hm.save(cache_dir / "adapt.npz"))
+    assert back.info == hm.info and back.threshold == pytest.approx(hm.threshold)
+    assert hm.info.key() == make_heatmap(prob).info.key()  # thresholds are not in the cache key
 
 
 BAD_TRUTH = {

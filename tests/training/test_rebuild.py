@@ -69,7 +69,8 @@ def test_calibrate_writes_threshold_and_context(tmp_path: Path, capsys: pytest.C
     model = load_checkpoint(out)
     cal = model.meta.metrics["calibration"]
     assert [r["sigma"] for r in cal["table"]][0] == 0.0 and cal["patients"] == [f"patient {p}" for p in PATIENTS]
-    best = max(cal["table"], key=lambda r: r["balanced_accuracy"])
+    best = max(cal["table"], key=lambda r: r["loo_balanced_accuracy"])
     assert model.meta.context_sigma == best["sigma"]
+    assert (model.meta.adapt is None) == (best["percentile"] is None or best["slope"] == 0)
     shipped = load_checkpoint(shipped_model_path())
     assert all(np.array_equal(a, b) for a, b in zip(model.net.state_dict().values(), shipped.net.state_dict().values(), strict=True))

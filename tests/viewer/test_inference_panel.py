@@ -130,6 +130,26 @@ def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWi
     assert not panel.context_box.isEnabled()
 
 
+def test_slider_follows_an_adaptive_threshold_until_the_user_moves_it(qtbot, window: MainWindow, model) -> None:
+    from dataclasses import replace
+
+    # Reference far below any slide's 90th-percentile logit: this slide's threshold rises.
+    adapt = {"percentile": 90.0, "slope": 0.5, "reference": -6.0, "low": -6.0, "high": 6.0}
+    window.session.set_model(replace(model, meta=replace(model.meta, context_sigma=0.0, context_threshold=None,
+                                                         threshold=0.3, threshold_adapt=adapt)))
+    assert "adapted to each slide" in window.inference.model_label.text()
+    assert window.open_path(CMU_SVS)
+    with qtbot.waitSignal(window.inference.heatmap_finished, timeout=60_000):
+        window.inference.start()
+    panel = window.inference
+    hm = panel.heatmap
+    assert hm.threshold > 0.3
+    assert panel.threshold.value() == round(hm.threshold * 100)
+    assert window.annotation_panel.region_threshold.value() == pytest.approx(hm.threshold, abs=0.005)
+    panel.threshold.setValue(10)  # the user's choice stands when the threshold is followed again
+    assert not panel._follow_threshold() and panel.threshold.value() == 10
+
+
 def test_switching_slides_50_times_mid_run_applies_no_stale_report(qtbot, window: MainWindow, slide_mpp) -> None:
     """Open, start, switch after a seeded random delay, 50 times: every report that reaches the
     panel belongs to the slide open at that moment, nothing crashes, no thread is left."""
