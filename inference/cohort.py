@@ -96,6 +96,7 @@ class SlideOutcome:
     largest_idc_region_um2: float | None = None
     max_probability: float | None = None
     mean_probability: float | None = None
+    threshold: float | None = None  # the model's threshold on this slide (it may adapt to the slide)
     model_id: str = ""
     seconds: float = 0.0
     engine: str = "local"
@@ -120,6 +121,7 @@ def figures(heatmap: Heatmap, mpp: float) -> dict[str, float | None]:
         "largest_idc_region_um2": round(max((r.area_um2(mpp) or 0.0 for r in regions), default=0.0), 1),
         "max_probability": round(float(np.nanmax(prob)), 6) if computed.any() else None,
         "mean_probability": round(float(np.nanmean(prob)), 6) if computed.any() else None,
+        "threshold": round(heatmap.threshold, 4),
     }
 
 

@@ -116,7 +116,7 @@ def _print_slides(results: list[SlideResult], model: LoadedModel) -> None:
     has_ctx = any(r.context is not None for r in results)
     print(f"model {model.model_id}; cells compared per slide at the model's threshold "
           f"({'context map' if has_ctx else 'per-patch map'}{', per-patch map in brackets' if has_ctx else ''})")
-    print(f"{'slide':28}{'cells':>7}{'IDC':>7}{'AUC':>8}{'bal.acc':>9}{'F1':>8}{'sens':>8}{'spec':>8}")
+    print(f"{'slide':28}{'cells':>7}{'IDC':>7}{'AUC':>8}{'bal.acc':>9}{'F1':>8}{'sens':>8}{'spec':>8}{'thresh':>8}")
     for r in results:
         a = r.shown
         if a is None:
@@ -125,7 +125,7 @@ def _print_slides(results: list[SlideResult], model: LoadedModel) -> None:
         m = a.metrics
         extra = f"   ({_fmt(r.raw.metrics.auc)} {_fmt(r.raw.metrics.balanced_accuracy)})" if has_ctx and r.raw else ""
         print(f"{r.name[:27]:28}{a.cells:7d}{a.idc_cells:7d}  {_fmt(m.auc)}   {_fmt(m.balanced_accuracy)}  "
-              f"{_fmt(m.f1)}  {_fmt(m.sensitivity)}  {_fmt(m.specificity)}{extra}")
+              f"{_fmt(m.f1)}  {_fmt(m.sensitivity)}  {_fmt(m.specificity)}  {_fmt(m.threshold)}{extra}")
     for label, which in (("mean", "shown"), *((("mean, per-patch map", "raw"),) if has_ctx else ())):
         s = summary(results, which)
         print(f"{label} over {s['slides_with_both_classes']} slides with both classes "
