@@ -196,7 +196,7 @@ def calibrate(heatmaps: Sequence[Heatmap], truths: Sequence[Truth], sigmas: Sequ
     fixed = np.zeros(len(raw_slides))
     table, grids = [], {}
     for sigma in sigmas:
-        slides = _slides([_with_sigma(hm, sigma) for hm in heatmaps], labels)
+        slides = _slides([_with_sigma(hm, sigma) for hm in heatmaps], labels)  # the same slides, in order
         auc = float(np.nanmean([M.roc_auc(s.y.astype(np.int64), s.z) for s in slides]))
         for q in (None, *PERCENTILES):
             grid = _bac_grid(slides, fixed if q is None else shifts[q])
