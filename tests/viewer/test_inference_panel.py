@@ -105,7 +105,7 @@ def test_ground_truth_outline_and_agreement(qtbot, window: MainWindow) -> None:
 def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWindow, model) -> None:
     from dataclasses import replace
 
-    ctx_model = replace(model, meta=replace(model.meta, context_sigma=1.0, context_threshold=0.6))
+    ctx_model = replace(model, meta=replace(model.meta, context_sigma=1.0, context_threshold=0.6, threshold_adapt={}))
     window.session.set_model(ctx_model)
     assert window.open_path(CMU_SVS)
     with qtbot.waitSignal(window.inference.heatmap_finished, timeout=60_000):
@@ -121,8 +121,8 @@ def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWi
     window._on_view_cursor_moved(rect.x + rect.w / 2, rect.y + rect.h / 2)
     assert window.pos_label.text().startswith(f"P(IDC) {shown[cell]:.2f}")  # hover reads the map shown
     panel.context_box.setChecked(False)
-    assert not hm.context and hm.threshold == model.meta.threshold
-    assert window.annotation_panel.region_threshold.value() == pytest.approx(model.meta.threshold)
+    assert not hm.context and hm.threshold == ctx_model.meta.threshold
+    assert window.annotation_panel.region_threshold.value() == pytest.approx(ctx_model.meta.threshold)
     window._on_view_cursor_moved(rect.x + rect.w / 2, rect.y + rect.h / 2)
     assert window.pos_label.text().startswith(f"P(IDC) {raw[cell]:.2f}")
     # A model without context has nothing to toggle.
