@@ -304,12 +304,13 @@ class InferencePanel(QWidget):
             self._show_progress(report.heatmap)
             self.rate_label.setText("Computing\u2026")
         elif isinstance(report, BatchResult) and self.layer is not None:
-            if not self._follow_threshold():  # an adaptive threshold settles as cells arrive
-                self.layer.refresh(report.block)
+            self.layer.refresh(report.block)
             self.progress.setValue(report.done)
             eta = "" if report.eta_s == float("inf") else f", ETA {report.eta_s:.0f} s"
             self.rate_label.setText(f"{report.patches_per_s:.0f} patches/s{eta}")
         elif isinstance(report, Finished) and self.heatmap is not None:
+            # An adaptive threshold is set again from all the slide's cells. Not on every batch:
+            # each move redraws the whole view, which the event loop felt while inference ran.
             self._follow_threshold()
             self._show_progress(self.heatmap)
             self.rate_label.setText(f"Done: {int(self.heatmap.tissue.sum())} tissue patches.")
@@ -354,16 +355,13 @@ class InferencePanel(QWidget):
             self.view.scene().removeItem(self.truth)
             self.truth = None
 
-    def _follow_threshold(self, force: bool = False) -> bool:
+    def _follow_threshold(self, force: bool = False) -> None:
         """Show only cells at or above the model's threshold for the map shown on this slide (the
-        default); once the user has moved the slider it stays where they put it, unless ``force``.
-        Returns whether the slider moved (the whole layer was redrawn)."""
+        default); once the user has moved the slider it stays where they put it, unless ``force``."""
         if self.heatmap is None or not (force or self.threshold.value() == self._followed):
-            return False
+            return
         self._followed = round(self.heatmap.threshold * 100)
-        moved = self._followed != self.threshold.value()
         self.threshold.setValue(self._followed)
-        return moved
 
     @Slot()
     def _on_style_changed(self, *_: object) -> None:

@@ -147,7 +147,10 @@ def test_slider_follows_an_adaptive_threshold_until_the_user_moves_it(qtbot, win
     assert panel.threshold.value() == round(hm.threshold * 100)
     assert window.annotation_panel.region_threshold.value() == pytest.approx(hm.threshold, abs=0.005)
     panel.threshold.setValue(10)  # the user's choice stands when the threshold is followed again
-    assert not panel._follow_threshold() and panel.threshold.value() == 10
+    panel._follow_threshold()
+    assert panel.threshold.value() == 10
+    panel.context_box.setChecked(False)  # another map: its own threshold on this slide
+    assert panel.threshold.value() == round(hm.threshold * 100)
 
 
 def test_switching_slides_50_times_mid_run_applies_no_stale_report(qtbot, window: MainWindow, slide_mpp) -> None:
