@@ -52,7 +52,6 @@ class BatchResult:
     done: int
     total: int
     elapsed_s: float
-    stats: np.ndarray | None = None  # (n, 9) colour statistics of the patches (inference.domain)
 
     @property
     def patches_per_s(self) -> float:
@@ -189,7 +188,7 @@ def predict_slide(
             buffered = len(rows) - n
             if buffered == 0:
                 buf_img, buf_r, buf_c = [], [], []
-            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0, stats)
+            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0)
     finally:
         for fut, _rr, _cc in pending:
             fut.cancel()
