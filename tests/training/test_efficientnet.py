@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +15,7 @@ from tests.conftest import need_patches
 from training.data import PatchSet, load_folder, split_groups
 from training.imagenet import imagenet_state_dict, load_imagenet
 from training.loop import TrainConfig, fit
+from viewer.cli import main
 
 LITE0 = Architecture(family="efficientnet-lite0", dropout=0.2)
 
@@ -91,8 +92,15 @@ def test_imagenet_features_separate_idc_where_random_ones_do_not(
     assert pretrained > 0.7 and pretrained > random + 0.1, (pretrained, random)
 
 
-def test_imagenet_start_needs_efficientnet(small_split: tuple[PatchSet, PatchSet], tmp_path: Path) -> None:
+def test_imagenet_start_needs_efficientnet_and_no_start_model(
+    small_split: tuple[PatchSet, PatchSet], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = TrainConfig(out=str(tmp_path / "x.pt"), arch=Architecture(10, 1), imagenet=True, device="cpu")
-    with pytest.raises(ValueError, match="EfficientNet-Lite0 only"):
+    with pytest.raises(ModelError, match="EfficientNet-Lite0 only"):
         next(fit(config, *small_split))
-    assert not np.any([p.exists() for p in tmp_path.iterdir()])
+    with pytest.raises(ModelError, match="not together with a start model"):
+        next(fit(replace(config, arch=LITE0, init=str(tmp_path / "start.pt")), *small_split))
+    rc = main(["train", str(need_patches()), "--out", str(tmp_path / "y.pt"), "--imagenet", "--limit-per-patient", "4"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "EfficientNet-Lite0 only" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
