@@ -10,7 +10,12 @@ On a generated 54,000 x 54,000 slide at 0.5 um/px (a 20x scan; real tissue textu
 (c) time from pressing "run" to the first heatmap cells (tissue detection included); <= 2 s;
 (d) the GUI event loop's worst lag while inference runs in the viewer; target <= 50 ms.
 
-Run: python -m benchmarks.predict_pipeline [--device cpu|cuda] [--cells N]
+With --baseline MODEL, that model's whole-slide pipeline runs on the same cells in the same
+process, and the ratio is printed (issue 10: a new model keeps >= 0.5x the shipped one's rate).
+--model measures another checkpoint than the shipped one (a wider field of view reads each
+patch with its margin, ModelMeta.margin).
+
+Run: python -m benchmarks.predict_pipeline [--device cpu|cuda] [--model M.pt] [--baseline B.pt]
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def pure_model_rate(model, device: torch.device, batch: int, kind: str, seconds:
     """
     net = model.net.to(device).eval()
     cuda = device.type == "cuda"
-    p = model.meta.patch_size
+    p = model.meta.input_px
     if kind == "normal":
         x = torch.randn(batch, 3, p, p, device=device)
     else:
@@ -64,14 +69,15 @@ def pure_model_rate(model, device: torch.device, batch: int, kind: str, seconds:
 
 
 def naive_rate(path: str, model, grid, cells: list[tuple[int, int]], device: torch.device) -> float:  # noqa: ANN001
-    """One read_region per patch at level 0, resize to the model's size, batch of 1."""
+    """One read_region per patch (with its margin) at level 0, resize to the model's input, batch of 1."""
     osr = openslide.OpenSlide(path)
     net = model.net.to(device).eval()
-    p = model.meta.patch_size
+    p, m = model.meta.input_px, model.meta.margin * grid.scale
     t0 = time.perf_counter()
     for r, c in cells:
-        rect = grid.patch_rect(r, c)
-        img = osr.read_region((rect.x, rect.y), 0, (rect.w, rect.h)).convert("RGB").resize((p, p), Image.BILINEAR)
+        x0, y0, x1, y1 = grid.patch_box(r, c)
+        x, y, side = round(x0 - m), round(y0 - m), round(x1 - x0 + 2 * m)
+        img = osr.read_region((x, y), 0, (side, side)).convert("RGB").resize((p, p), Image.BILINEAR)
         with torch.inference_mode():
             x = model.normalise(np.asarray(img)[None], device)
             torch.sigmoid(net(x)).item()
@@ -120,31 +126,39 @@ def gui_lag(path: str, model, device: str, seconds: float) -> tuple[float, int]:
     return (max(gaps) - 5 if gaps else float("nan")), done
 
 
+def pipeline(slide, model, device: torch.device, settings: PredictSettings):  # noqa: ANN001, ANN201
+    """(heatmap, seconds to the first cells, seconds for the whole slide, patches/s after the first batch)."""
+    t0 = time.perf_counter()
+    hm = plan(slide, model, settings)
+    gen = predict_slide(slide, model, hm, device, settings)
+    first = next(gen)
+    t_first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    last = first
+    for result in gen:
+        last = result
+    whole = time.perf_counter() - t0
+    return hm, t_first, whole, (last.done - first.done) / (time.perf_counter() - t1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="auto")
     ap.add_argument("--naive-cells", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=None, help="default: 64 on CPU, 256 on GPU")
+    ap.add_argument("--model", default=None, help="checkpoint to measure (default: the shipped model)")
+    ap.add_argument("--baseline", default=None, help="checkpoint whose pipeline rate is measured alongside")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     device = pick_device(args.device)
     path = big_slide(54_000, 54_000, mpp=0.5, scale_l0=8.0)
-    model = load_checkpoint(shipped_model_path())
+    model = load_checkpoint(args.model or shipped_model_path())
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
     settings = PredictSettings(batch_size=batch_size)
 
     with open_slide(path) as slide:
-        t0 = time.perf_counter()
-        hm = plan(slide, model, settings)
-        gen = predict_slide(slide, model, hm, device, settings)
-        first = next(gen)
-        t_first = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        last = first
-        for result in gen:
-            last = result
-        whole = time.perf_counter() - t0
-        rate = (last.done - first.done) / (time.perf_counter() - t1)
+        hm, t_first, whole, rate = pipeline(slide, model, device, settings)
+        base_rate = pipeline(slide, load_checkpoint(args.baseline), device, settings)[3] if args.baseline else None
         total = int(hm.tissue.sum())
     cells = [tuple(rc) for rc in np.argwhere(hm.tissue)[:: max(1, total // args.naive_cells)][: args.naive_cells]]
     naive = naive_rate(str(path), model, hm.grid, cells, device)
@@ -155,7 +169,11 @@ def main() -> int:
     print(f"slide {path.name}: {slide.dimensions[0]} x {slide.dimensions[1]} at {slide.mpp} um/px, "
           f"{total} tissue cells of {hm.grid.patch_shape[0] * hm.grid.patch_shape[1]}; device {device}; "
           f"torch threads {torch.get_num_threads()}")
+    print(f"model {model.model_id} ({model.meta.input_px} x {model.meta.input_px} px input)")
     print(f"whole slide: {whole:.1f} s, pipeline {rate:.0f} patches/s")
+    if base_rate is not None:
+        print(f"    baseline {args.baseline}: pipeline {base_rate:.0f} patches/s on the same cells; "
+              f"ratio {rate / base_rate:.2f}x  (issue 10 target >= 0.5x)")
     print(f"(a) naive pipeline {naive:.1f} patches/s on {len(cells)} cells; ratio pipeline/naive {rate / naive:.1f}x"
           f"  (target >= 20x)")
     print(f"(b) pure model on random image tensors {pure:.0f} patches/s (batch {batch_size}); "

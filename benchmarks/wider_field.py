@@ -1,7 +1,8 @@
 """Experiment: does a wider field of view rank patches better within a slide?
 
 Each patch is cut with MARGIN px of its patient's rebuilt slide around it (the neighbours'
-tissue, white where the data set kept none; training.rebuild.mosaic) and labelled by its centre.
+tissue, white where the data set kept none; training.data.load_folder with a margin) and
+labelled by its centre. `idc-viewer train --margin` trains the same input for the product.
 EfficientNet-Lite0 is trained on that from ImageNet weights, on the training patients of the
 split that --split-from recorded (validation and test patients left out). Both it and the
 baseline model (50 x 50 patches) are then judged in this process on the validation patients'
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,27 +24,13 @@ import torch
 from inference import metrics as M
 from inference.model import Architecture, LoadedModel, load_checkpoint
 from training.augment import jpeg_batch
-from training.data import PatchSet
+from training.data import PatchSet, load_folder
 from training.loop import EpochReport, TrainConfig, fit, predict_patches
-from training.rebuild import mosaic, patches_by_patient
-
-
-def with_margin(root: Path, margin: int, exclude: list[str]) -> PatchSet:
-    """Every positioned patch with ``margin`` px of its patient's slide on each side."""
-    images, labels, groups = [], [], []
-    for patient, items in patches_by_patient(root, exclude=exclude).items():
-        canvas, _ = mosaic(items)
-        pad = np.pad(canvas, ((margin, margin + 50), (margin, margin + 50), (0, 0)), constant_values=255)
-        for _, x, y, label in items:
-            images.append(pad[y : y + 50 + 2 * margin, x : x + 50 + 2 * margin])
-            labels.append(label)
-            groups.append(patient)
-    g = np.array(groups, dtype=object)
-    return PatchSet(np.stack(images), np.array(labels, np.int64), g, g.copy())
 
 
 def aucs(model: LoadedModel, data: PatchSet) -> tuple[float, float]:
     """(pooled AUC, mean within-patient AUC) after a JPEG q80 round trip."""
+    data = data.with_margin(model.meta.margin)
     p = predict_patches(model.net, model.meta, jpeg_batch(data.images, 80, 0), torch.device("cpu"))
     groups = data.groups.astype(str)
     within = [M.compute(data.labels[groups == g], p[groups == g], 0.5).auc for g in np.unique(groups)
@@ -64,17 +50,17 @@ def main() -> int:
     base = load_checkpoint(args.split_from)
     val_p = {str(p) for p in base.meta.provenance["val_patients"]}
     held = val_p | {str(p) for p in base.meta.provenance["test_patients"]}
-    wide = with_margin(Path(args.data), args.margin, exclude=["8975"])
+    wide = load_folder(args.data, exclude_patients=["8975"], margin=args.margin)
     groups = wide.groups.astype(str)
     train, val = wide.subset(np.flatnonzero(~np.isin(groups, list(held)))), wide.subset(np.flatnonzero(np.isin(groups, list(val_p))))
     config = TrainConfig(out=args.out, arch=Architecture(family="efficientnet-lite0", dropout=0.2), epochs=args.epochs,
-                         samples_per_epoch=args.samples, lr=1e-3, patience=args.epochs, imagenet=True)
+                         samples_per_epoch=args.samples, lr=1e-3, patience=args.epochs, imagenet=True,
+                         margin=args.margin)
     for r in fit(config, train, val):
         if isinstance(r, EpochReport):
             print(f"epoch {r.epoch}: val bal. acc {r.val['balanced_accuracy']:.4f}, AUC {r.val['auc']:.4f}", file=sys.stderr)
     m = args.margin
-    centre = PatchSet(val.images[:, m : m + 50, m : m + 50], val.labels, val.groups, val.sources)
-    pooled_b, within_b = aucs(base, centre)
+    pooled_b, within_b = aucs(base, val)
     pooled_w, within_w = aucs(load_checkpoint(args.out), val)
     print(f"validation patches ({len(val)}, {len(np.unique(val.groups.astype(str)))} patients), JPEG q80:")
     print(f"  baseline {base.model_id}, 50 x 50: pooled AUC {pooled_b:.4f}, mean within-patient AUC {within_b:.4f}")

@@ -76,6 +76,10 @@ class ModelMeta:
     arch: Architecture = field(default_factory=Architecture)
     patch_size: int = 50
     mpp: float = 4.0
+    #: Wider field of view: the network sees each patch with this many pixels (at ``mpp``) of the
+    #: slide around it on every side, and scores the patch in the middle; 0: the patch alone.
+    #: The cell grid, its alignment and what a cell's probability describes do not change.
+    margin: int = 0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     classes: tuple[str, str] = ("Non-IDC", "IDC")
@@ -92,6 +96,15 @@ class ModelMeta:
     domain: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin <= 4 * self.patch_size:
+            raise ModelError(f"The margin around each patch must be 0 to {4 * self.patch_size} px, not {self.margin}.")
+
+    @property
+    def input_px(self) -> int:
+        """Side of the network's input: the patch and its margin on both sides."""
+        return self.patch_size + 2 * self.margin
 
     @property
     def adapt(self) -> ThresholdAdapt | None:

@@ -146,3 +146,10 @@ class PatchGrid:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         rr, cc = np.mgrid[r0 : r1 + 1, c0 : c1 + 1]
         return rr.ravel(), cc.ravel()
+
+
+def centre(images: np.ndarray, margin: int) -> np.ndarray:
+    """The patches in the middle of (n, p + 2m, p + 2m, 3) inputs cut with ``margin`` m around them."""
+    if margin == 0:
+        return images
+    return images[:, margin:-margin, margin:-margin]

@@ -1,7 +1,7 @@
 """Whole-slide prediction as a generator of batch results.
 
 Large blocks of patches are read once from the best pyramid level at the model's resolution and
-cut into patches; reader threads prefetch blocks while the model runs; batches are yielded as
+cut into patches (each with the model's margin of slide around it, ModelMeta.margin); reader threads prefetch blocks while the model runs; batches are yielded as
 they finish. Closing the generator stops within one batch and shuts the readers down.
 """
 
@@ -21,7 +21,7 @@ import torch
 from inference.domain import patch_stats
 from inference.heatmap import Heatmap, HeatmapInfo
 from inference.model import LoadedModel, normalise, to_float
-from inference.patches import PatchGrid
+from inference.patches import PatchGrid, centre
 from inference.slide import Slide
 from inference.tissue import MIN_TISSUE, patch_tissue
 
@@ -89,29 +89,36 @@ def _blocks(todo: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
     return out
 
 
-def _read_block(slide: Slide, grid: PatchGrid, r0: int, c0: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Read one block at the model's resolution and cut its patches (n, p, p, 3) uint8."""
-    p, s = grid.patch_px, grid.stride_px
+def _read_block(slide: Slide, grid: PatchGrid, r0: int, c0: int, rows: np.ndarray, cols: np.ndarray,
+                margin: int = 0) -> np.ndarray:
+    """Read one block at the model's resolution and cut its patches, each with ``margin`` px of
+    the slide around it: (n, p + 2 margin, p + 2 margin, 3) uint8. Outside the slide is its
+    background, as on the rebuilt training slides."""
+    p, s, m = grid.patch_px, grid.stride_px, margin
     r1, c1 = int(rows.max()), int(cols.max())
-    w_px = (c1 - c0) * s + p
-    h_px = (r1 - r0) * s + p
+    w_px = (c1 - c0) * s + p + 2 * m
+    h_px = (r1 - r0) * s + p + 2 * m
     x0, y0, _, _ = grid.patch_box(r0, c0)
+    x0, y0 = x0 - m * grid.scale, y0 - m * grid.scale
     box = (x0, y0, x0 + w_px * grid.scale, y0 + h_px * grid.scale)
     region = slide.read_box(box, (w_px, h_px))
-    out = np.empty((len(rows), p, p, 3), np.uint8)
+    side = p + 2 * m
+    out = np.empty((len(rows), side, side, 3), np.uint8)
     for i, (r, c) in enumerate(zip(rows - r0, cols - c0, strict=True)):
-        out[i] = region[r * s : r * s + p, c * s : c * s + p]
+        out[i] = region[r * s : r * s + side, c * s : c * s + side]
     return out
 
 
-def read_patches(slide: Slide, grid: PatchGrid, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Patches (n, p, p, 3) of grid cells (rows[i], cols[i]), read block by block, in input order."""
+def read_patches(slide: Slide, grid: PatchGrid, rows: np.ndarray, cols: np.ndarray, margin: int = 0) -> np.ndarray:
+    """Patches of grid cells (rows[i], cols[i]) with ``margin`` px around them, read block by
+    block, in input order: (n, p + 2 margin, p + 2 margin, 3) uint8."""
     todo = np.zeros(grid.patch_shape, bool)
     todo[rows, cols] = True
     index = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(rows, cols, strict=True))}
-    out = np.empty((len(rows), grid.patch_px, grid.patch_px, 3), np.uint8)
+    side = grid.patch_px + 2 * margin
+    out = np.empty((len(rows), side, side, 3), np.uint8)
     for r0, c0, rr, cc in _blocks(todo):
-        block = _read_block(slide, grid, r0, c0, rr, cc)
+        block = _read_block(slide, grid, r0, c0, rr, cc, margin)
         for img, r, c in zip(block, rr, cc, strict=True):
             out[index[(int(r), int(c))]] = img
     return out
@@ -129,6 +136,7 @@ def predict_slide(
     device = torch.device(device)
     batch_size = settings.batch_size or (256 if device.type == "cuda" else 64)
     grid = heatmap.grid
+    margin = model.meta.margin
     writer = heatmap.claim()
     todo = heatmap.tissue & ~heatmap.patch_done
     blocks = _blocks(todo)
@@ -147,7 +155,7 @@ def predict_slide(
         nonlocal next_block
         while next_block < len(blocks) and len(pending) < settings.prefetch:
             r0, c0, rr, cc = blocks[next_block]
-            pending.append((pool.submit(_read_block, slide, grid, r0, c0, rr, cc), rr, cc))
+            pending.append((pool.submit(_read_block, slide, grid, r0, c0, rr, cc, margin), rr, cc))
             next_block += 1
 
     def run(images: np.ndarray) -> np.ndarray:
@@ -179,7 +187,7 @@ def predict_slide(
             cols = np.concatenate(buf_c)
             n = min(want, len(rows))
             probs = run(images[:n])
-            stats = patch_stats(images[:n])
+            stats = patch_stats(centre(images[:n], margin))  # the cell's own colours
             block = heatmap.add(rows[:n], cols[:n], probs, writer, stats)
             if block is None:
                 return  # another run took this heatmap over

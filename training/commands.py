@@ -35,6 +35,7 @@ def run_train(args: Any) -> int:
         device=args.device,
         init=args.init,
         imagenet=args.imagenet,
+        margin=args.margin,
         freeze_trunk=args.freeze_trunk,
         augment=not args.no_augment,
         jpeg_augment=not args.no_jpeg_augment,

@@ -1,4 +1,11 @@
-"""Patch data: Kaggle-layout folders, patient-level splits, and patient-balanced weights."""
+"""Patch data: Kaggle-layout folders, patient-level splits, and patient-balanced weights.
+
+The IDC patch file names carry each patch's (x, y) in the 2.5x slide (about 4 um/px), so a
+patient's patches placed at their positions give back the part of the slide the data set kept
+(:func:`mosaic`, white where it kept nothing). A model with a margin (ModelMeta.margin) trains on
+each patch cut from that mosaic with its neighbours' tissue around it, as the slide reader cuts
+it from a slide.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PATCH = 50
 NAME_RE = re.compile(r"^(?P<patient>[^_/]+)_.*_class(?P<label>[01])\.png$", re.IGNORECASE)
+POS_RE = re.compile(r"_x(?P<x>\d+)_y(?P<y>\d+)_class[01]\.png$", re.IGNORECASE)
 
 
 class DataError(UserError):
@@ -29,29 +38,44 @@ class DataError(UserError):
 
 @dataclass
 class PatchSet:
-    """Patches in memory: images (n, 50, 50, 3) uint8, labels (n,), group ids (patient/slide)."""
+    """Patches in memory: images (n, 50 + 2 margin, 50 + 2 margin, 3) uint8 (each patch with
+    ``margin`` px of its slide around it), labels (n,), group ids (patient/slide)."""
 
     images: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
     sources: np.ndarray
+    margin: int = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, mask: np.ndarray) -> PatchSet:
-        return PatchSet(self.images[mask], self.labels[mask], self.groups[mask], self.sources[mask])
+        return PatchSet(self.images[mask], self.labels[mask], self.groups[mask], self.sources[mask], self.margin)
+
+    def with_margin(self, margin: int) -> PatchSet:
+        """The same patches with ``margin`` px around them (cropped from a wider margin)."""
+        if margin == self.margin:
+            return self
+        if margin > self.margin:
+            raise DataError(f"The model sees {margin} px around each patch but these patches were cut with "
+                            f"{self.margin} px; load them for this model.")
+        d = self.margin - margin
+        return PatchSet(self.images[:, d:-d, d:-d], self.labels, self.groups, self.sources, margin)
 
     @staticmethod
     def concat(parts: Sequence[PatchSet]) -> PatchSet:
         parts = [p for p in parts if len(p)]
         if not parts:
             return empty_set()
+        margin = min(p.margin for p in parts)
+        parts = [p.with_margin(margin) for p in parts]
         return PatchSet(
             np.concatenate([p.images for p in parts]),
             np.concatenate([p.labels for p in parts]),
             np.concatenate([p.groups for p in parts]),
             np.concatenate([p.sources for p in parts]),
+            margin,
         )
 
     def summary(self) -> dict[str, int]:
@@ -64,9 +88,10 @@ class PatchSet:
         }
 
 
-def empty_set() -> PatchSet:
-    return PatchSet(np.zeros((0, PATCH, PATCH, 3), np.uint8), np.zeros(0, np.int64),
-                    np.zeros(0, dtype=object), np.zeros(0, dtype=object))
+def empty_set(margin: int = 0) -> PatchSet:
+    side = PATCH + 2 * margin
+    return PatchSet(np.zeros((0, side, side, 3), np.uint8), np.zeros(0, np.int64),
+                    np.zeros(0, dtype=object), np.zeros(0, dtype=object), margin)
 
 
 def find_patch_files(root: Path) -> list[tuple[Path, str, int]]:
@@ -104,8 +129,54 @@ def load_patch(path: Path, size: int = PATCH) -> np.ndarray | None:
     return out
 
 
-def _cache_path(files: Sequence[tuple[Path, str, int]]) -> Path:
-    h = hashlib.sha256()
+def positioned(files: Sequence[tuple[Path, str, int]]) -> dict[str, list[tuple[Path, int, int, int]]]:
+    """(path, x, y, label) of every patch whose name carries its position, per patient."""
+    out: dict[str, list[tuple[Path, int, int, int]]] = defaultdict(list)
+    for path, patient, label in files:
+        m = POS_RE.search(path.name)
+        if m:
+            out[patient].append((path, int(m["x"]), int(m["y"]), label))
+    return dict(sorted(out.items()))
+
+
+def patches_by_patient(root: Path, patients: Iterable[str] | None = None,
+                       exclude: Iterable[str] = ()) -> dict[str, list[tuple[Path, int, int, int]]]:
+    """(path, x, y, label) of every positioned patch under ``root``, per patient."""
+    wanted = None if patients is None else {str(p) for p in patients}
+    skip = {str(p) for p in exclude}
+    out = {pt: items for pt, items in positioned(find_patch_files(root)).items()
+           if pt not in skip and (wanted is None or pt in wanted)}
+    if not out:
+        raise DataError(f"No patches with x, y positions in their names were found for these patients under {root}.")
+    return out
+
+
+def mosaic(items: Sequence[tuple[Path, int, int, int]]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """One patient's patches placed at their positions (white elsewhere), at the patches'
+    resolution, and each patch's (width, height) (edge patches may be smaller)."""
+    placed = []
+    for path, x, y, _label in items:
+        with Image.open(path) as img:
+            placed.append((x, y, np.asarray(img.convert("RGB"))))
+    width = max(x + a.shape[1] for x, _, a in placed)
+    height = max(y + a.shape[0] for _, y, a in placed)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    for x, y, arr in placed:
+        canvas[y : y + arr.shape[0], x : x + arr.shape[1]] = arr
+    return canvas, [(a.shape[1], a.shape[0]) for _, _, a in placed]
+
+
+def cut_with_margin(items: Sequence[tuple[Path, int, int, int]], chosen: Sequence[int], margin: int) -> np.ndarray:
+    """Patches ``chosen`` (indices into one patient's ``items``) cut from the patient's mosaic
+    with ``margin`` px around each: (n, 50 + 2 margin, 50 + 2 margin, 3) uint8."""
+    canvas, _ = mosaic(items)
+    pad = np.pad(canvas, ((margin, margin + PATCH), (margin, margin + PATCH), (0, 0)), constant_values=255)
+    side = PATCH + 2 * margin
+    return np.stack([pad[items[i][2] : items[i][2] + side, items[i][1] : items[i][1] + side] for i in chosen])
+
+
+def _cache_path(files: Sequence[tuple[Path, str, int]], extra: str = "") -> Path:
+    h = hashlib.sha256(extra.encode())
     for p, _pt, _lb in files:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -118,21 +189,22 @@ def load_folder(
     exclude_patients: Iterable[str] = (),
     limit_per_patient: int | None = None,
     seed: int = 0,
+    margin: int = 0,
 ) -> PatchSet:
-    """Load a patch folder (decoded once, then cached per user as .npz)."""
+    """Load a patch folder (decoded once, then cached per user as .npz), each patch with
+    ``margin`` px of its patient's rebuilt slide around it (positioned patches only)."""
     files = find_patch_files(Path(root))
     excluded = {str(p) for p in exclude_patients}
     files = [f for f in files if f[1] not in excluded]
-    if limit_per_patient:
-        rng = np.random.default_rng(seed)
-        by_patient: dict[str, list[tuple[Path, str, int]]] = {}
-        for f in files:
-            by_patient.setdefault(f[1], []).append(f)
-        files = []
-        for pt in sorted(by_patient):
-            items = by_patient[pt]
-            idx = rng.permutation(len(items))[:limit_per_patient]
-            files.extend(items[i] for i in sorted(idx))
+    by_patient: dict[str, list[tuple[Path, str, int]]] = {}
+    for f in files:
+        by_patient.setdefault(f[1], []).append(f)
+    rng = np.random.default_rng(seed)
+    chosen = {pt: (sorted(rng.permutation(len(items))[:limit_per_patient].tolist()) if limit_per_patient
+                   else list(range(len(items)))) for pt, items in sorted(by_patient.items())}
+    if margin:
+        return _load_with_margin(Path(root), by_patient, chosen, limit_per_patient, seed, margin)
+    files = [by_patient[pt][i] for pt in sorted(chosen) for i in chosen[pt]]
     cache = _cache_path(files)
     if cache.exists():
         try:
@@ -147,12 +219,50 @@ def load_folder(
     images = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, PATCH, PATCH, 3), np.uint8)
     labels = np.array([files[i][2] for i in keep], np.int64)
     groups = np.array([files[i][1] for i in keep], dtype=object)
+    _write_cache(cache, images, labels, groups)
+    return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object))
+
+
+def _load_with_margin(root: Path, by_patient: dict[str, list[tuple[Path, str, int]]], chosen: dict[str, list[int]],
+                      limit: int | None, seed: int, margin: int) -> PatchSet:
+    """The chosen patches of each patient, cut from its mosaic (built from all its patches)."""
+    all_files = [f for pt in sorted(by_patient) for f in by_patient[pt]]
+    cache = _cache_path(all_files, f"margin={margin};limit={limit};seed={seed}")
+    if cache.exists():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                return PatchSet(z["images"], z["labels"], z["groups"].astype(object),
+                                np.full(len(z["labels"]), str(root), dtype=object), margin)
+        except (OSError, ValueError, KeyError):
+            log.warning("ignoring unreadable patch cache %s", cache)
+    jobs = []  # (patient, all its positioned patches, indices of the chosen ones)
+    for pt in sorted(by_patient):
+        items = positioned(by_patient[pt]).get(pt, [])
+        want = {by_patient[pt][i][0] for i in chosen[pt]}
+        idx = [i for i, item in enumerate(items) if item[0] in want]
+        if idx:
+            jobs.append((pt, items, idx))
+    if not jobs:
+        raise DataError(f"This model sees each patch with {margin} px of its slide around it, and no patch under "
+                        f"{root} carries the x, y position in its name that places it on its slide.")
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        parts = list(pool.map(lambda job: cut_with_margin(job[1], job[2], margin), jobs))
+    labels = np.array([items[i][3] for _pt, items, idx in jobs for i in idx], np.int64)
+    groups = np.array([pt for pt, _items, idx in jobs for _ in idx], dtype=object)
+    skipped = sum(len(c) for c in chosen.values()) - len(labels)
+    if skipped:
+        log.warning("%d patches under %s carry no x, y position and were left out", skipped, root)
+    images = np.concatenate(parts)
+    _write_cache(cache, images, labels, groups)
+    return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object), margin)
+
+
+def _write_cache(cache: Path, images: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> None:
     try:
         with atomic_path(cache) as tmp:
             np.savez(tmp, images=images, labels=labels, groups=groups.astype(str))
     except OSError:
         log.warning("could not write patch cache %s", cache)
-    return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object))
 
 
 def split_groups(

@@ -29,6 +29,7 @@ from inference.model import (
     pick_device,
     save_checkpoint,
 )
+from inference.patches import centre
 from inference.slide import SlideError, open_slide
 from inference.slide_eval import (
     METRIC_KEYS,
@@ -206,7 +207,8 @@ def training_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
     train = data.subset(~np.isin(data.groups.astype(str), list(held_out)))
     if not len(train):
         raise ValueError("No training patients are left in these folders to describe the model's domain.")
-    return fit_domain(patch_stats(jpeg_batch(train.images, 80)), train.groups.astype(str))
+    cells = centre(jpeg_batch(train.images, 80), train.margin)  # each cell's own colours, as the reader records
+    return fit_domain(patch_stats(cells), train.groups.astype(str))
 
 
 def run_calibrate(args: Any) -> int:

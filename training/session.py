@@ -91,17 +91,18 @@ class CompareReport:
 
 
 def model_meta_for(config: SessionConfig) -> ModelMeta:
-    """Working resolution and patch size used to cut regions: the start model's, else defaults."""
+    """Working resolution, patch size and margin used to cut patches: the start model's, else
+    the run's."""
     if config.train.init:
         return config.model(config.train.init).meta
-    return ModelMeta(arch=config.train.arch, mpp=config.train.mpp)
+    return ModelMeta(arch=config.train.arch, mpp=config.train.mpp, margin=config.train.margin)
 
 
 def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> tuple[PatchSet, dict[str, dict[str, int]]]:
     parts, by_source = [], {}
     for src in sources:
         if isinstance(src, FolderSource):
-            data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed)
+            data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed, meta.margin)
         else:
             with open_slide(src.slide_path, mpp=src.mpp) as slide:
                 data = patches_from_annotations(slide, src.annotations, meta, group_by=src.group_by)

