@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,20 @@ def test_fit_trains_and_saves_a_margin_model(tmp_path: Path) -> None:
     assert not (tmp_path / "t.pt").exists()
     tuned = list(fit(dataclasses.replace(tune, margin=0), train, val))[-1]
     assert load_checkpoint(tuned.checkpoint).meta.margin == M
+
+
+def test_train_and_evaluate_cli_with_a_margin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from viewer.cli import main
+
+    root, out = need_patches(), tmp_path / "wide.pt"
+    common = ["--exclude-patient", "8975", "--limit-per-patient", "6", "--device", "cpu"]
+    rc = main(["train", str(root), "--out", str(out), *common, "--epochs", "1", "--samples-per-epoch", "128",
+               "--batch-size", "64", "--depth", "10", "--widen", "1", "--margin", str(M)])
+    assert rc == 0 and load_checkpoint(out).meta.margin == M
+    capsys.readouterr()
+    assert main(["evaluate", str(root), "--model", str(out), *common, "--jpeg-quality", "80", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] > 1000
+    rc = main(["train", str(root), "--out", str(tmp_path / "t.pt"), *common, "--init", str(out), "--margin", "10"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "keeps its start model's margin" in err and "Traceback" not in err
+    assert not (tmp_path / "t.pt").exists()
