@@ -202,39 +202,32 @@ def load_folder(
     rng = np.random.default_rng(seed)
     chosen = {pt: (sorted(rng.permutation(len(items))[:limit_per_patient].tolist()) if limit_per_patient
                    else list(range(len(items)))) for pt, items in sorted(by_patient.items())}
-    if margin:
-        return _load_with_margin(Path(root), by_patient, chosen, limit_per_patient, seed, margin)
-    files = [by_patient[pt][i] for pt in sorted(chosen) for i in chosen[pt]]
-    cache = _cache_path(files)
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                return PatchSet(z["images"], z["labels"], z["groups"].astype(object),
-                                np.full(len(z["labels"]), str(root), dtype=object))
-        except (OSError, ValueError, KeyError):
-            log.warning("ignoring unreadable patch cache %s", cache)
+    if margin:  # a patient's mosaic is built from all its patches, so all of them key the cache
+        cache = _cache_path([f for pt in sorted(by_patient) for f in by_patient[pt]],
+                            f"margin={margin};limit={limit_per_patient};seed={seed}")
+    else:
+        files = [by_patient[pt][i] for pt in sorted(chosen) for i in chosen[pt]]
+        cache = _cache_path(files)
+    loaded = _read_cache(cache)
+    if loaded is None:
+        loaded = _cut_with_margin(Path(root), by_patient, chosen, margin) if margin else _decode(files)
+        _write_cache(cache, *loaded)
+    images, labels, groups = loaded
+    return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object), margin)
+
+
+def _decode(files: Sequence[tuple[Path, str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, labels and patients of the readable patch files, each patch alone."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         arrays = list(pool.map(lambda f: load_patch(f[0]), files))
     keep = [i for i, a in enumerate(arrays) if a is not None]
     images = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, PATCH, PATCH, 3), np.uint8)
-    labels = np.array([files[i][2] for i in keep], np.int64)
-    groups = np.array([files[i][1] for i in keep], dtype=object)
-    _write_cache(cache, images, labels, groups)
-    return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object))
+    return images, np.array([files[i][2] for i in keep], np.int64), np.array([files[i][1] for i in keep], dtype=object)
 
 
-def _load_with_margin(root: Path, by_patient: dict[str, list[tuple[Path, str, int]]], chosen: dict[str, list[int]],
-                      limit: int | None, seed: int, margin: int) -> PatchSet:
+def _cut_with_margin(root: Path, by_patient: dict[str, list[tuple[Path, str, int]]], chosen: dict[str, list[int]],
+                     margin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The chosen patches of each patient, cut from its mosaic (built from all its patches)."""
-    all_files = [f for pt in sorted(by_patient) for f in by_patient[pt]]
-    cache = _cache_path(all_files, f"margin={margin};limit={limit};seed={seed}")
-    if cache.exists():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                return PatchSet(z["images"], z["labels"], z["groups"].astype(object),
-                                np.full(len(z["labels"]), str(root), dtype=object), margin)
-        except (OSError, ValueError, KeyError):
-            log.warning("ignoring unreadable patch cache %s", cache)
     jobs = []  # (patient, all its positioned patches, indices of the chosen ones)
     for pt in sorted(by_patient):
         items = positioned(by_patient[pt]).get(pt, [])
@@ -252,9 +245,18 @@ def _load_with_margin(root: Path, by_patient: dict[str, list[tuple[Path, str, in
     skipped = sum(len(c) for c in chosen.values()) - len(labels)
     if skipped:
         log.warning("%d patches under %s carry no x, y position and were left out", skipped, root)
-    images = np.concatenate(parts)
-    _write_cache(cache, images, labels, groups)
-    return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object), margin)
+    return np.concatenate(parts), labels, groups
+
+
+def _read_cache(cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    if not cache.exists():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            return z["images"], z["labels"], z["groups"].astype(object)
+    except (OSError, ValueError, KeyError):
+        log.warning("ignoring unreadable patch cache %s", cache)
+        return None
 
 
 def _write_cache(cache: Path, images: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> None:
