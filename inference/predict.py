@@ -1,8 +1,9 @@
 """Whole-slide prediction as a generator of batch results.
 
 Large blocks of patches are read once from the best pyramid level at the model's resolution and
-cut into patches (each with the model's margin of slide around it, ModelMeta.margin); reader threads prefetch blocks while the model runs; batches are yielded as
-they finish. Closing the generator stops within one batch and shuts the readers down.
+cut into patches, each with the model's margin of slide around it (ModelMeta.margin); reader
+threads prefetch blocks while the model runs; batches are yielded as they finish. Closing the
+generator stops within one batch and shuts the readers down.
 """
 
 from __future__ import annotations

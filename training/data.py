@@ -166,7 +166,7 @@ def mosaic(items: Sequence[tuple[Path, int, int, int]]) -> tuple[np.ndarray, lis
     return canvas, [(a.shape[1], a.shape[0]) for _, _, a in placed]
 
 
-def cut_with_margin(items: Sequence[tuple[Path, int, int, int]], chosen: Sequence[int], margin: int) -> np.ndarray:
+def cut_from_mosaic(items: Sequence[tuple[Path, int, int, int]], chosen: Sequence[int], margin: int) -> np.ndarray:
     """Patches ``chosen`` (indices into one patient's ``items``) cut from the patient's mosaic
     with ``margin`` px around each: (n, 50 + 2 margin, 50 + 2 margin, 3) uint8."""
     canvas, _ = mosaic(items)
@@ -210,7 +210,7 @@ def load_folder(
         cache = _cache_path(files)
     loaded = _read_cache(cache)
     if loaded is None:
-        loaded = _cut_with_margin(Path(root), by_patient, chosen, margin) if margin else _decode(files)
+        loaded = _cut_patients(Path(root), by_patient, chosen, margin) if margin else _decode(files)
         _write_cache(cache, *loaded)
     images, labels, groups = loaded
     return PatchSet(images, labels, groups, np.full(len(labels), str(root), dtype=object), margin)
@@ -225,7 +225,7 @@ def _decode(files: Sequence[tuple[Path, str, int]]) -> tuple[np.ndarray, np.ndar
     return images, np.array([files[i][2] for i in keep], np.int64), np.array([files[i][1] for i in keep], dtype=object)
 
 
-def _cut_with_margin(root: Path, by_patient: dict[str, list[tuple[Path, str, int]]], chosen: dict[str, list[int]],
+def _cut_patients(root: Path, by_patient: dict[str, list[tuple[Path, str, int]]], chosen: dict[str, list[int]],
                      margin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The chosen patches of each patient, cut from its mosaic (built from all its patches)."""
     jobs = []  # (patient, all its positioned patches, indices of the chosen ones)
@@ -239,7 +239,7 @@ def _cut_with_margin(root: Path, by_patient: dict[str, list[tuple[Path, str, int
         raise DataError(f"This model sees each patch with {margin} px of its slide around it, and no patch under "
                         f"{root} carries the x, y position in its name that places it on its slide.")
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        parts = list(pool.map(lambda job: cut_with_margin(job[1], job[2], margin), jobs))
+        parts = list(pool.map(lambda job: cut_from_mosaic(job[1], job[2], margin), jobs))
     labels = np.array([items[i][3] for _pt, items, idx in jobs for i in idx], np.int64)
     groups = np.array([pt for pt, _items, idx in jobs for _ in idx], dtype=object)
     skipped = sum(len(c) for c in chosen.values()) - len(labels)
