@@ -24,6 +24,7 @@ from PIL import Image
 
 from inference.atomic import atomic_path
 from inference.errors import UserError
+from inference.patches import centre
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,7 @@ class PatchSet:
         if margin > self.margin:
             raise DataError(f"The model sees {margin} px around each patch but these patches were cut with "
                             f"{self.margin} px; load them for this model.")
-        d = self.margin - margin
-        return PatchSet(self.images[:, d:-d, d:-d], self.labels, self.groups, self.sources, margin)
+        return PatchSet(centre(self.images, self.margin - margin), self.labels, self.groups, self.sources, margin)
 
     @staticmethod
     def concat(parts: Sequence[PatchSet]) -> PatchSet:
