@@ -29,7 +29,6 @@ from inference.model import (
     pick_device,
     save_checkpoint,
 )
-from inference.patches import centre
 from inference.slide import SlideError, open_slide
 from inference.slide_eval import (
     METRIC_KEYS,
@@ -202,13 +201,14 @@ DOMAIN_PATCHES_PER_PATIENT = 60
 def training_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
     """Colour statistics (inference.domain) of the model's training patients, as JPEG q80 patches."""
     held_out = {str(p) for key in ("val_patients", "test_patients") for p in model.meta.provenance.get(key, ())}
+    # The statistics describe each cell's own colours, so the patches are loaded alone, without
+    # the margin a model may see around them (no mosaics to build).
     data, _ = load_sources([FolderSource(str(d), tuple(args.exclude_patient), DOMAIN_PATCHES_PER_PATIENT)
-                            for d in args.data], model.meta)
+                            for d in args.data], replace(model.meta, margin=0))
     train = data.subset(~np.isin(data.groups.astype(str), list(held_out)))
     if not len(train):
         raise ValueError("No training patients are left in these folders to describe the model's domain.")
-    cells = centre(jpeg_batch(train.images, 80), train.margin)  # each cell's own colours, as the reader records
-    return fit_domain(patch_stats(cells), train.groups.astype(str))
+    return fit_domain(patch_stats(jpeg_batch(train.images, 80)), train.groups.astype(str))
 
 
 def run_calibrate(args: Any) -> int:
