@@ -1,5 +1,5 @@
-"""WideResNet for 50x50 H&E patches (or EfficientNet-Lite0, inference.efficientnet), and
-checkpoints that never unpickle arbitrary objects.
+"""WideResNet for 50x50 H&E patches (or EfficientNet-Lite0, inference.efficientnet, or an
+ensemble of such networks), and checkpoints that never unpickle arbitrary objects.
 
 A checkpoint is a ``torch.save`` of ``{"format": str, "meta": str (JSON), "state_dict": tensors}``
 and is loaded with ``torch.load(weights_only=True)``, which refuses any pickled class.
@@ -32,8 +32,11 @@ class ModelError(UserError):
     """A model file could not be used; the message is one sentence for the user."""
 
 
-#: Network families a checkpoint may declare.
+#: Network families a checkpoint may declare for one network (an ensemble's family is ENSEMBLE).
 FAMILIES = ("wrn", "efficientnet-lite0")
+ENSEMBLE = "ensemble"
+#: The input scaling (mean, std) of an ensemble, whose members scale their own views.
+IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class Architecture:
     stem_stride: int = 2
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
+        if self.family not in (*FAMILIES, ENSEMBLE):
             raise ModelError(f"Unknown network {self.family!r}; use {' or '.join(FAMILIES)}.")
         if self.stem_stride not in (1, 2):
             raise ModelError(f"The stem stride must be 1 or 2, not {self.stem_stride}.")
@@ -64,9 +67,20 @@ class Architecture:
 
     @property
     def name(self) -> str:
+        if self.family == ENSEMBLE:
+            return "Ensemble"
         if self.family == "efficientnet-lite0":
             return "EfficientNet-Lite0" + ("-S1" if self.stem_stride == 1 else "")
         return f"WRN-{self.depth}-{self.widen}"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One network of an ensemble: its own metadata (architecture, margin, input scaling) and the
+    weight of its logit in the ensemble's."""
+
+    weight: float
+    meta: ModelMeta
 
 
 @dataclass(frozen=True)
@@ -96,10 +110,27 @@ class ModelMeta:
     domain: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: An ensemble (arch.family ENSEMBLE): its networks, whose weighted logits are its logit. The
+    #: ensemble's input is the widest member's view in [0, 1] (mean 0, std 1, margin the widest);
+    #: each member crops and scales it as it was trained to see it. () for one network.
+    members: tuple[Member, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.margin <= 4 * self.patch_size:
             raise ModelError(f"The margin around each patch must be 0 to {4 * self.patch_size} px, not {self.margin}.")
+        if (self.arch.family == ENSEMBLE) != bool(self.members):
+            raise ModelError("An ensemble's metadata must list its networks, and only an ensemble's may.")
+        if not self.members:
+            return
+        if len(self.members) < 2 or any(m.meta.members for m in self.members):
+            raise ModelError("An ensemble needs two or more single networks.")
+        if any(not m.weight > 0 for m in self.members):
+            raise ModelError("Every network of an ensemble needs a weight above 0.")
+        if any((m.meta.patch_size, m.meta.mpp) != (self.patch_size, self.mpp) for m in self.members):
+            raise ModelError("The networks of an ensemble must score the same patches: the same patch size "
+                             "at the same resolution.")
+        if self.margin != max(m.meta.margin for m in self.members) or (self.mean, self.std) != IDENTITY:
+            raise ModelError("An ensemble's input must be its widest network's view, unscaled.")
 
     @property
     def input_px(self) -> int:
@@ -110,22 +141,32 @@ class ModelMeta:
     def adapt(self) -> ThresholdAdapt | None:
         return ThresholdAdapt(**self.threshold_adapt) if self.threshold_adapt else None
 
+    @property
+    def name(self) -> str:
+        """The network, or an ensemble's networks joined by '+'."""
+        return "+".join(m.meta.arch.name for m in self.members) if self.members else self.arch.name
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelMeta:
         try:
-            d = json.loads(text)
-            arch = Architecture(**d.pop("arch"))
-            d["mean"], d["std"], d["classes"] = tuple(d["mean"]), tuple(d["std"]), tuple(d["classes"])
-            meta = cls(arch=arch, **d)
-            _ = meta.adapt  # a malformed adaptive threshold fails here, not in the middle of a slide
-            return meta
+            return cls._from_dict(json.loads(text))
         except ModelError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ModelError("The model file's metadata is malformed.") from exc
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> ModelMeta:
+        arch = Architecture(**d.pop("arch"))
+        d["mean"], d["std"], d["classes"] = tuple(d["mean"]), tuple(d["std"]), tuple(d["classes"])
+        d["members"] = tuple(Member(float(m["weight"]), cls._from_dict(m["meta"])) for m in d.get("members", ()))
+        meta = cls(arch=arch, **d)
+        _ = meta.adapt  # a malformed adaptive threshold fails here, not in the middle of a slide
+        return meta
+
 
 
 class _Block(nn.Module):
@@ -187,18 +228,69 @@ class WideResNet(nn.Module):
         return self.head(self.features(x)).squeeze(1)
 
 
+class Ensemble(nn.Module):
+    """Networks whose weighted logits are one logit (ModelMeta.members).
+
+    The input is the widest member's view, in [0, 1]; each member crops its own view out of the
+    middle and scales it with its own mean and std, so every member sees exactly what it was
+    trained on.
+    """
+
+    def __init__(self, meta: ModelMeta) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(build(m.meta.arch) for m in meta.members)
+        total = sum(m.weight for m in meta.members)
+        self.weights = [m.weight / total for m in meta.members]
+        self.crops = [meta.margin - m.meta.margin for m in meta.members]
+        self.scales = [(m.meta.mean, m.meta.std) for m in meta.members]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for net, weight, crop, (mean, std) in zip(self.members, self.weights, self.crops, self.scales, strict=True):
+            view = x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop] if crop else x
+            logit = weight * net(_scale(view, mean, std))
+            out = logit if out is None else out + logit
+        assert out is not None
+        return out
+
+
+def ensemble(models: list[LoadedModel], weights: list[float]) -> tuple[Ensemble, ModelMeta]:
+    """One model of ``models`` whose logit is their ``weights``-weighted logit; its threshold,
+    context and domain are to be calibrated (idc-viewer calibrate). The members must have been
+    validated on the same patients, so that the ensemble can be judged on patients none of
+    them saw."""
+    if len(models) != len(weights):
+        raise ModelError(f"Give one weight per network ({len(models)} networks, {len(weights)} weights).")
+    splits = {json.dumps([m.meta.provenance.get(k) for k in ("val_patients", "test_patients")]) for m in models}
+    if len(splits) > 1:
+        raise ModelError("These networks were validated on different patients; train them with the same "
+                         "--split-from before joining them.")
+    first = models[0].meta
+    members = tuple(Member(float(w), m.meta) for m, w in zip(models, weights, strict=True))
+    provenance = {k: first.provenance[k] for k in ("sources", "split", "split_from", "val_patients", "test_patients")
+                  if k in first.provenance}
+    provenance["members"] = [m.model_id for m in models]
+    meta = ModelMeta(arch=Architecture(family=ENSEMBLE), patch_size=first.patch_size, mpp=first.mpp,
+                     margin=max(m.meta.margin for m in models), mean=IDENTITY[0], std=IDENTITY[1],
+                     classes=first.classes, members=members, provenance=provenance)
+    net = Ensemble(meta)
+    for slot, m in zip(net.members, models, strict=True):
+        slot.load_state_dict(m.net.state_dict())
+    return net.eval(), meta
+
+
 @dataclass
 class LoadedModel:
     """A network with its metadata and the hash of the file it came from."""
 
-    net: WideResNet | EfficientNetLite0
+    net: WideResNet | EfficientNetLite0 | Ensemble
     meta: ModelMeta
     sha256: str
     path: Path | None = None
 
     @property
     def model_id(self) -> str:
-        return f"{self.meta.arch.name}-{self.sha256[:12]}"
+        return f"{self.meta.name}-{self.sha256[:12]}"
 
     def normalise(self, batch_u8: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
         """(n, h, w, 3) uint8 RGB -> normalised float (n, 3, h, w) on ``device``."""
@@ -213,13 +305,17 @@ def to_float(images_u8: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     """Float (n, 3, h, w) in [0, 1] -> the model's input, with the checkpoint's mean and std."""
-    mean = torch.tensor(meta.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(meta.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return x if (meta.mean, meta.std) == IDENTITY else _scale(x, meta.mean, meta.std)
+
+
+def _scale(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
 
 
 def build(arch: Architecture) -> WideResNet | EfficientNetLite0:
-    """A freshly initialised network of that architecture."""
+    """A freshly initialised single network of that architecture."""
+    if arch.family == ENSEMBLE:
+        raise ModelError("An ensemble is made from trained networks (idc-viewer ensemble), not trained from scratch.")
     if arch.family == "efficientnet-lite0":
         return EfficientNetLite0(arch.in_channels, arch.dropout, arch.stem_stride)
     return WideResNet(arch)
@@ -252,12 +348,12 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ModelError(f"{path.name} is not an IDC Slide Viewer model checkpoint.")
     meta = ModelMeta.from_json(obj.get("meta", ""))
-    net = build(meta.arch)
+    net = Ensemble(meta) if meta.members else build(meta.arch)
     try:
         net.load_state_dict(obj["state_dict"], strict=True)
     except (RuntimeError, KeyError, TypeError) as exc:
         raise ModelError(
-            f"{path.name} holds weights that do not match its declared architecture {meta.arch.name}."
+            f"{path.name} holds weights that do not match its declared architecture {meta.name}."
         ) from exc
     net.eval().to(device)
     return LoadedModel(net=net, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)

@@ -1,4 +1,4 @@
-"""Headless `train` and `evaluate` commands (argument parsing lives in viewer.cli)."""
+"""Headless `train` and `ensemble` commands (argument parsing lives in viewer.cli)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from inference.model import Architecture, load_checkpoint, save_checkpoint
+from inference.model import Architecture, ensemble, load_checkpoint, save_checkpoint
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
 from training.session import CompareReport, DataReport, FolderSource, SessionConfig
 from training.session import run as run_session
@@ -81,3 +81,14 @@ def _append_test_metrics(path: Path, test: dict[str, Any]) -> None:
     model = load_checkpoint(path)
     meta = replace(model.meta, metrics={**model.meta.metrics, "test": test})
     save_checkpoint(path, model.net, meta)
+
+
+def run_ensemble(args: Any) -> int:
+    """Join trained networks into one uncalibrated model."""
+    models = [load_checkpoint(m) for m in args.models]
+    net, meta = ensemble(models, args.weights or [1.0] * len(models))
+    save_checkpoint(args.out, net, meta)
+    weights = " / ".join(f"{m.weight:g}" for m in meta.members)
+    print(f"wrote {args.out}: {meta.name}, weights {weights}, input {meta.input_px} px; "
+          f"calibrate it before use (idc-viewer calibrate DATA --model {args.out} --out CALIBRATED)", file=sys.stderr)
+    return 0

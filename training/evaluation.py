@@ -25,6 +25,7 @@ from inference.domain import fit_domain, patch_stats
 from inference.heatmap import Heatmap
 from inference.model import (
     LoadedModel,
+    ModelMeta,
     load_checkpoint,
     pick_device,
     save_checkpoint,
@@ -204,7 +205,7 @@ def training_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
     # The statistics describe each cell's own colours, so the patches are loaded alone, without
     # the margin a model may see around them (no mosaics to build).
     data, _ = load_sources([FolderSource(str(d), tuple(args.exclude_patient), DOMAIN_PATCHES_PER_PATIENT)
-                            for d in args.data], replace(model.meta, margin=0))
+                            for d in args.data], ModelMeta(patch_size=model.meta.patch_size, mpp=model.meta.mpp))
     train = data.subset(~np.isin(data.groups.astype(str), list(held_out)))
     if not len(train):
         raise ValueError("No training patients are left in these folders to describe the model's domain.")

@@ -23,6 +23,7 @@ from inference import metrics as M
 from inference.atomic import atomic_path
 from inference.model import (
     Architecture,
+    Ensemble,
     LoadedModel,
     ModelError,
     ModelMeta,
@@ -181,7 +182,8 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    params = list(net.head.parameters()) + list(net.bn.parameters()) if config.freeze_trunk else list(net.parameters())
+    params = [q for n in _networks(net) for q in (*n.head.parameters(), *n.bn.parameters())] \
+        if config.freeze_trunk else list(net.parameters())
     for p in net.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -229,7 +231,8 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     for epoch in range(start_epoch, config.epochs):
         net.train()
         if config.freeze_trunk:  # keep frozen batch-norm statistics fixed too
-            net.trunk.eval()
+            for n in _networks(net):
+                n.trunk.eval()
         # Every epoch draws from its own seeds, so a resumed run continues exactly as an unbroken one.
         rng = np.random.default_rng([config.seed, epoch])
         gen.manual_seed(config.seed * 100_003 + epoch)
@@ -296,6 +299,11 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     if not best_val:  # resumed after the last best epoch: its metrics are in the checkpoint
         best_val = load_checkpoint(out).meta.metrics["validation"]["patient_weighted"]
     yield DoneReport(str(out), best_epoch, best_val, stopped_early)
+
+
+def _networks(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The single networks of a model: an ensemble's members, or the network itself."""
+    return list(net.members) if isinstance(net, Ensemble) else [net]
 
 
 def _bce(p: np.ndarray, y: np.ndarray) -> np.ndarray:

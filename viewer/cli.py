@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("train", "evaluate", "calibrate", "predict", "export")
+SUBCOMMANDS = ("train", "evaluate", "calibrate", "ensemble", "predict", "export")
 
 
 def _positive_float(text: str) -> float:
@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(c)
     _add_eval_args(c, default_patients="val")
     c.add_argument("--out", required=True, help="calibrated checkpoint to write (.pt)")
+
+    en = sub.add_parser("ensemble", help="join trained networks into one model (their weighted mean logit)",
+                        description="Each network sees the patch as it was trained to (its own margin and input "
+                        "scaling); the model's logit is their weighted mean. The networks must score the same "
+                        "patch size at the same resolution and record the same validation and test patients "
+                        "(train them with the same --split-from). Calibrate the result before using it.")
+    en.add_argument("models", nargs="+", metavar="MODEL", help="two or more checkpoints of single networks")
+    en.add_argument("--weights", type=_positive_float, nargs="+", default=None, metavar="W",
+                    help="one weight per network (default: equal)")
+    en.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     return p
 
 
@@ -202,6 +212,10 @@ def _run_headless(args: argparse.Namespace) -> int:
             from training.evaluation import run_calibrate
 
             return run_calibrate(args)
+        if args.command == "ensemble":
+            from training.commands import run_ensemble
+
+            return run_ensemble(args)
     except (UserError, ValueError) as exc:
         logging.getLogger("idc-viewer").debug("command failed", exc_info=True)
         print(f"idc-viewer {args.command}: error: {exc}", file=sys.stderr)

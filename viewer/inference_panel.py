@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 
 from inference.domain import warnings as domain_warnings
 from inference.heatmap import COLORMAPS, DEFAULT_COLORMAP, Heatmap, HeatmapInfo, colormap_lut
-from inference.model import LoadedModel, pick_device
+from inference.model import LoadedModel, ModelMeta, pick_device
 from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Finished, Planned, cached_heatmap, infer
@@ -181,9 +181,7 @@ class InferencePanel(QWidget):
             m = self.model.meta
             self.model_label.setText(
                 f"Model {self.model.model_id}: {m.patch_size}x{m.patch_size} px patches at "
-                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m"
-                + (f", each seen with {m.margin * m.mpp:.0f} \u00b5m around it" if m.margin else "")
-                + "), threshold "
+                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m{_field_of_view(m)}), threshold "
                 + (f"{m.context_threshold if m.context_threshold is not None else m.threshold:.2f}"
                    + (", adapted to each slide's scores" if m.adapt else ""))
             )
@@ -437,3 +435,15 @@ class InferencePanel(QWidget):
             return None
         p = self.heatmap.prob[cell]
         return float(p) if np.isfinite(p) else None
+
+
+def _field_of_view(meta: ModelMeta) -> str:
+    """What the network, or each network of an ensemble, sees around a patch."""
+    def around(m: ModelMeta) -> str:
+        return f"with {m.margin * m.mpp:.0f} \u00b5m around it" if m.margin else "alone"
+
+    if meta.members:
+        views = " and ".join(f"{m.meta.arch.name} sees the patch {around(m.meta)}" for m in meta.members)
+        weights = " / ".join(f"{m.weight / sum(n.weight for n in meta.members):.2g}" for m in meta.members)
+        return f"; {views}, weighted {weights}"
+    return f", each seen {around(meta)}" if meta.margin else ""

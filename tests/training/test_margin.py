@@ -3,7 +3,6 @@ and the cell grid does not move."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from inference.model import (
     Architecture,
@@ -24,51 +22,13 @@ from inference.model import (
 )
 from inference.predict import PredictSettings, heatmap_info, plan, predict_slide, read_patches
 from inference.slide import open_slide
-from tests.conftest import need_patches
-from training.data import POS_RE, DataError, PatchSet, find_patch_files, load_folder
+from tests.training.conftest import COLS, ROWS, grid_cells
+from training.data import DataError, PatchSet, load_folder
 from training.loop import TrainConfig, evaluate_model, fit, predict_patches
 from training.rebuild import rebuild_slides
 from training.regions import patches_from_annotations
 
 M = 25
-ROWS, COLS = 5, 6
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[tuple[int, int], int]]:
-    """Real patches of both classes renamed onto a 5 x 6 grid of one patient, with gaps (white)."""
-    root = need_patches()
-    with open(root / "manifest.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["width"] == "50" and r["height"] == "50" and r["patient_id"] != "8975"]
-    rng = np.random.default_rng(4)
-    pick = [rows[i] for i in rng.choice(len(rows), 22, replace=False)]
-    # The last cell holds a patch, so the rebuilt slide spans the whole 5 x 6 grid.
-    cells = [ROWS * COLS - 1, *rng.choice(ROWS * COLS - 1, len(pick) - 1, replace=False)]
-    out = tmp_path_factory.mktemp("layout") / "p1" / "0"
-    out.mkdir(parents=True)
-    placed = {}
-    for r_, cell in zip(pick, cells, strict=True):
-        r, c = divmod(int(cell), COLS)
-        with Image.open(root / r_["path"]) as img:
-            img.convert("RGB").save(out / f"p1_idx5_x{c * 50}_y{r * 50}_class{r_['label']}.png")
-        placed[(r, c)] = int(r_["label"])
-    return out.parent.parent, placed
-
-
-@pytest.fixture(scope="module")
-def few_patients(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder of 12 real patients' patches (links), so that margin loads read only those."""
-    root = need_patches()
-    out = tmp_path_factory.mktemp("few")
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "8975")[:12]:
-        (out / d.name).symlink_to(d, target_is_directory=True)
-    return out
-
-
-def _cells(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Grid (rows, cols) of the patches in the order load_folder gives them (by file name)."""
-    pos = [(int(m["y"]) // 50, int(m["x"]) // 50) for f, _, _ in find_patch_files(root) if (m := POS_RE.search(f.name))]
-    return np.array([r for r, _ in pos]), np.array([c for _, c in pos])
 
 
 def _model(margin: int, seed: int = 0) -> LoadedModel:
@@ -88,7 +48,7 @@ def test_training_cuts_what_the_slide_reader_reads(tmp_path: Path, layout) -> No
         model = _model(M)
         grid = plan(slide, model, PredictSettings()).grid
         assert grid.patch_shape == (ROWS, COLS)
-        rr, cc = _cells(root)
+        rr, cc = grid_cells(root)
         got = read_patches(slide, grid, rr, cc, margin=M)
         plain = read_patches(slide, grid, rr, cc)
     np.testing.assert_array_equal(got, data.images)
@@ -112,7 +72,7 @@ def test_a_margin_model_scores_every_cell_where_it_is(tmp_path: Path, layout) ->
         hm = plan(slide, model, PredictSettings(batch_size=8, first_batch=3))
         assert hm.grid.patch_shape == (ROWS, COLS)
         list(predict_slide(slide, model, hm))
-    got = hm.patch_prob[_cells(root)]
+    got = hm.patch_prob[grid_cells(root)]
     done = np.isfinite(got)
     assert done.sum() >= 18 and np.ptp(expected) > 1e-3
     np.testing.assert_allclose(got[done], expected[done], atol=1e-5)
