@@ -168,7 +168,6 @@ class ModelMeta:
         return meta
 
 
-
 class _Block(nn.Module):
     """Pre-activation wide residual block."""
 

@@ -36,7 +36,7 @@ BLOCK = 16
 class PredictSettings:
     stride_px: int | None = None
     batch_size: int | None = None  # None: 64 on the CPU (cache-friendly), 256 on a GPU
-    first_batch: int = 32  # a small first batch puts cells on screen quickly
+    first_batch: int = 16  # a small first batch puts cells on screen quickly
     min_tissue: float = MIN_TISSUE
     readers: int = 2
     prefetch: int = 6

@@ -9,7 +9,7 @@ from importlib.resources import files
 from pathlib import Path
 
 DEMO_SLIDE = "demo_idc_8975.tif"
-SHIPPED_MODEL = "idc_wrn.pt"
+SHIPPED_MODEL = "idc_model.pt"
 
 
 def resource_path(name: str) -> Path:

@@ -65,7 +65,12 @@ def test_heatmap_cells_match_the_model_on_the_original_patches(tmp_path: Path, m
     img, placed = mosaic(real_patches, (7, 9), up=4)
     path = tmp_path / "mosaic.tif"
     write_pyramid_from_array(path, img, model.meta.mpp / 4, downsamples=(1, 4, 16), compression="zlib")
-    expected = predict_patches(model.net, model.meta, np.stack(list(placed.values())), torch.device("cpu"))
+    # What the model sees of each cell: the original patch with the model's margin of the
+    # original-resolution mosaic around it (white beyond the slide).
+    m = model.meta.margin
+    small = np.pad(mosaic(real_patches, (7, 9), up=1)[0], ((m, m), (m, m), (0, 0)), constant_values=255)
+    views = np.stack([small[r * 50 : r * 50 + 50 + 2 * m, c * 50 : c * 50 + 50 + 2 * m] for r, c in placed])
+    expected = predict_patches(model.net, model.meta, views, torch.device("cpu"))
     with open_slide(path) as slide:
         hm = plan(slide, model, PredictSettings(batch_size=16, first_batch=4))
         assert hm.grid.patch_l0 == 200 and hm.grid.patch_shape == (7, 9)
@@ -133,11 +138,12 @@ def test_half_stride_averages_overlaps() -> None:
 
 def test_cancel_closes_the_readers(model: LoadedModel) -> None:
     with open_slide(DEMO) as slide:
-        hm = plan(slide, model, PredictSettings(batch_size=32))
-        gen = predict_slide(slide, model, hm, settings=PredictSettings(batch_size=32))
+        settings = PredictSettings(batch_size=32)
+        hm = plan(slide, model, settings)
+        gen = predict_slide(slide, model, hm, settings=settings)
         first = next(gen)
         gen.close()
-        assert first.done == 32 and hm.patch_done.sum() == 32
+        assert first.done == settings.first_batch and hm.patch_done.sum() == settings.first_batch
         # Deterministic: the same cells again give the same probabilities.
         hm2 = plan(slide, model, PredictSettings(batch_size=32))
         second = next(predict_slide(slide, model, hm2, settings=PredictSettings(batch_size=32)))
