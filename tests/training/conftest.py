@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inference.model import LoadedModel
+from inference.predict import PredictSettings, plan, predict_slide
+from inference.slide import open_slide
 from tests.conftest import need_patches
 from training.data import POS_RE, find_patch_files
+from training.rebuild import rebuild_slides
 
 ROWS, COLS = 5, 6
 
@@ -50,3 +54,18 @@ def grid_cells(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """Grid (rows, cols) of the patches in the order load_folder gives them (by file name)."""
     pos = [(int(m["y"]) // 50, int(m["x"]) // 50) for f, _, _ in find_patch_files(root) if (m := POS_RE.search(f.name))]
     return np.array([r for r, _ in pos]), np.array([c for _, c in pos])
+
+
+def assert_scores_every_cell_where_it_is(root: Path, model: LoadedModel, expected: np.ndarray, out: Path) -> None:
+    """The heatmap of ``root``'s rebuilt lossless slide holds, in each patch's cell, ``expected``
+    (one probability per patch, in load_folder's order), and a one-cell shift would show."""
+    (rs,) = rebuild_slides(root, out, quality=None)
+    with open_slide(rs.path) as slide:
+        hm = plan(slide, model, PredictSettings(batch_size=8, first_batch=3))
+        assert hm.grid.patch_shape == (ROWS, COLS)
+        list(predict_slide(slide, model, hm))
+    got = hm.patch_prob[grid_cells(root)]
+    done = np.isfinite(got)
+    assert done.sum() >= 18 and np.ptp(expected) > 1e-3
+    np.testing.assert_allclose(got[done], expected[done], atol=1e-5)
+    assert np.abs(got[done] - np.roll(expected[done], 1)).max() > 1e-3

@@ -23,12 +23,9 @@ from inference.model import (
     load_checkpoint,
     save_checkpoint,
 )
-from inference.predict import PredictSettings, plan, predict_slide
-from inference.slide import open_slide
-from tests.training.conftest import COLS, ROWS, grid_cells
+from tests.training.conftest import assert_scores_every_cell_where_it_is
 from training.data import load_folder
 from training.loop import TrainConfig, fit, predict_patches
-from training.rebuild import rebuild_slides
 
 M = 25
 ARCH = Architecture(depth=10, widen=1)
@@ -78,17 +75,7 @@ def test_an_ensemble_is_its_networks_weighted_logit(pair, layout) -> None:
 def test_an_ensembles_heatmap_scores_every_cell_where_it_is(tmp_path: Path, pair, layout) -> None:
     a, b, e = pair
     root, _ = layout
-    expected = _expected(a, b, load_folder(root, margin=M).images)
-    (rs,) = rebuild_slides(root, tmp_path / "slides", quality=None)
-    with open_slide(rs.path) as slide:
-        hm = plan(slide, e, PredictSettings(batch_size=8, first_batch=3))
-        assert hm.grid.patch_shape == (ROWS, COLS)
-        list(predict_slide(slide, e, hm))
-    got = hm.patch_prob[grid_cells(root)]
-    done = np.isfinite(got)
-    assert done.sum() >= 18 and np.ptp(expected) > 1e-3
-    np.testing.assert_allclose(got[done], expected[done], atol=1e-5)
-    assert np.abs(got[done] - np.roll(expected[done], 1)).max() > 1e-3  # a shifted assignment would show
+    assert_scores_every_cell_where_it_is(root, e, _expected(a, b, load_folder(root, margin=M).images), tmp_path)
 
 
 def test_networks_that_cannot_be_joined_get_one_sentence(tmp_path: Path, pair) -> None:
