@@ -142,6 +142,12 @@ class ModelMeta:
         return ThresholdAdapt(**self.threshold_adapt) if self.threshold_adapt else None
 
     @property
+    def shares(self) -> tuple[float, ...]:
+        """Each member's share of an ensemble's logit: its weight over the sum of the weights."""
+        total = sum(m.weight for m in self.members)
+        return tuple(m.weight / total for m in self.members)
+
+    @property
     def name(self) -> str:
         """The network, or an ensemble's networks joined by '+'."""
         return "+".join(m.meta.arch.name for m in self.members) if self.members else self.arch.name
@@ -238,8 +244,7 @@ class Ensemble(nn.Module):
     def __init__(self, meta: ModelMeta) -> None:
         super().__init__()
         self.members = nn.ModuleList(build(m.meta.arch) for m in meta.members)
-        total = sum(m.weight for m in meta.members)
-        self.weights = [m.weight / total for m in meta.members]
+        self.weights = meta.shares
         self.crops = [meta.margin - m.meta.margin for m in meta.members]
         self.scales = [(m.meta.mean, m.meta.std) for m in meta.members]
 

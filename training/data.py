@@ -226,7 +226,7 @@ def _decode(files: Sequence[tuple[Path, str, int]]) -> tuple[np.ndarray, np.ndar
 
 
 def _cut_patients(root: Path, by_patient: dict[str, list[tuple[Path, str, int]]], chosen: dict[str, list[int]],
-                     margin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  margin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The chosen patches of each patient, cut from its mosaic (built from all its patches)."""
     jobs = []  # (patient, all its positioned patches, indices of the chosen ones)
     for pt in sorted(by_patient):

@@ -444,6 +444,6 @@ def _field_of_view(meta: ModelMeta) -> str:
 
     if meta.members:
         views = " and ".join(f"{m.meta.arch.name} sees the patch {around(m.meta)}" for m in meta.members)
-        weights = " / ".join(f"{m.weight / sum(n.weight for n in meta.members):.2g}" for m in meta.members)
+        weights = " / ".join(f"{share:.2g}" for share in meta.shares)
         return f"; {views}, weighted {weights}"
     return f", each seen {around(meta)}" if meta.margin else ""

@@ -145,8 +145,8 @@ def test_cancel_closes_the_readers(model: LoadedModel) -> None:
         gen.close()
         assert first.done == settings.first_batch and hm.patch_done.sum() == settings.first_batch
         # Deterministic: the same cells again give the same probabilities.
-        hm2 = plan(slide, model, PredictSettings(batch_size=32))
-        second = next(predict_slide(slide, model, hm2, settings=PredictSettings(batch_size=32)))
+        hm2 = plan(slide, model, settings)
+        second = next(predict_slide(slide, model, hm2, settings=settings))
     np.testing.assert_array_equal(first.probs, second.probs)
 
 
