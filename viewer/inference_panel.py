@@ -443,7 +443,15 @@ def _field_of_view(meta: ModelMeta) -> str:
         return f"with {m.margin * m.mpp:.0f} \u00b5m around it" if m.margin else "alone"
 
     if meta.members:
-        views = " and ".join(f"{m.meta.arch.name} sees the patch {around(m.meta)}" for m in meta.members)
-        weights = " / ".join(f"{share:.2g}" for share in meta.shares)
-        return f"; {views}, weighted {weights}"
+        # Networks with the same architecture and view are named once ("2 EfficientNet-Lite0 see ...").
+        views: dict[tuple[str, str], list[float]] = {}
+        for m, share in zip(meta.members, meta.shares, strict=True):
+            views.setdefault((m.meta.arch.name, around(m.meta)), []).append(share)
+        parts = []
+        for (name, view), shares in views.items():
+            who = f"{name} sees" if len(shares) == 1 else f"{len(shares)} {name} see"
+            each = f"{shares[0]:.2g}{' each' if len(shares) > 1 else ''}" if len(set(shares)) == 1 \
+                else " / ".join(f"{s:.2g}" for s in shares)
+            parts.append(f"{who} the patch {view} (weight {each})")
+        return "; " + " and ".join(parts)
     return f", each seen {around(meta)}" if meta.margin else ""
