@@ -450,8 +450,11 @@ def _field_of_view(meta: ModelMeta) -> str:
         parts = []
         for (name, view), shares in views.items():
             who = f"{name} sees" if len(shares) == 1 else f"{len(shares)} {name} see"
-            each = f"{shares[0]:.2g}{' each' if len(shares) > 1 else ''}" if len(set(shares)) == 1 \
-                else " / ".join(f"{s:.2g}" for s in shares)
-            parts.append(f"{who} the patch {view} (weight {each})")
+            shown = [f"{s:.2g}" for s in shares]
+            if len(set(shown)) > 1:
+                weight = " / ".join(shown)
+            else:
+                weight = shown[0] + (" each" if len(shown) > 1 else "")
+            parts.append(f"{who} the patch {view} (weight {weight})")
         return "; " + " and ".join(parts)
     return f", each seen {around(meta)}" if meta.margin else ""
