@@ -42,6 +42,8 @@ def run_train(args: Any) -> int:
         val_jpeg_quality=args.val_jpeg_quality or None,
         resume=args.resume,
         num_threads=args.threads,
+        teacher=args.teacher,
+        distill=args.distill,
     )
     session = SessionConfig(folder_sources(args), config, args.val_fraction, args.test_fraction,
                             split_from=args.split_from)

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ class TrainConfig:
     margin: int = 0  # without init: px of slide the network sees around each patch (ModelMeta.margin)
     num_threads: int | None = None
     ema: float = 0.999  # decay of the weight average that is evaluated and saved (0: off)
+    teacher: str | None = None  # distil: a trained model whose probabilities join the labels as targets
+    distill: float = 0.5  # with teacher: the teacher's share of each target (the label's is the rest)
 
 
 #: The correct-and-retrain recipe (training tab, benchmarks): a few short epochs from the model
@@ -179,6 +181,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         meta = ModelMeta(arch=config.arch, mpp=config.mpp, margin=config.margin, mean=mean, std=std)  # type: ignore[arg-type]
         net = build(config.arch)
     train, val = train.with_margin(meta.margin), val.with_margin(meta.margin)
+    teacher = _teacher(config, meta, device)
     net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -245,10 +248,12 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
                 x = augment_batch(train.images[b], gen, rng, device, acquisition)
             else:
                 x = to_float(train.images[b], device)
+            y = torch.from_numpy(train.labels[b]).float().to(device)
+            if teacher is not None:
+                y = (1 - config.distill) * y + config.distill * teacher(x)
             x = normalise(x, meta)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = torch.from_numpy(train.labels[b]).float().to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = net(x)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
@@ -299,6 +304,30 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     if not best_val:  # resumed after the last best epoch: its metrics are in the checkpoint
         best_val = load_checkpoint(out).meta.metrics["validation"]["patient_weighted"]
     yield DoneReport(str(out), best_epoch, best_val, stopped_early)
+
+
+def _teacher(config: TrainConfig, meta: ModelMeta, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The teacher's probabilities for a batch the student sees (float in [0, 1], the student's
+    view), or None without a teacher. The teacher sees the same augmented pixels, cropped to its
+    own view, so its targets describe exactly the patch the student is shown."""
+    if not config.teacher:
+        return None
+    if not 0 < config.distill <= 1:
+        raise ValueError(f"The teacher's share of the targets must be in (0, 1], not {config.distill}.")
+    model = load_checkpoint(config.teacher, device)
+    t_meta = model.meta
+    if (t_meta.patch_size, t_meta.mpp) != (meta.patch_size, meta.mpp) or t_meta.margin > meta.margin:
+        raise ModelError("The teacher must score the same patches at the same resolution and see no more "
+                         "around each patch than the student.")
+    crop = meta.margin - t_meta.margin
+    net = model.net.eval()
+
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        view = x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop] if crop else x
+        with torch.no_grad():
+            return torch.sigmoid(net(normalise(view, t_meta)).float())
+
+    return probs
 
 
 def _networks(net: torch.nn.Module) -> list[torch.nn.Module]:

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
     t.add_argument("--init", default=None, help="start from this checkpoint (fine-tune)")
+    t.add_argument("--teacher", default=None, metavar="CKPT",
+                   help="distil: train towards this model's probabilities as well as the labels")
+    t.add_argument("--distill", type=float, default=TrainConfig.distill, metavar="A",
+                   help="with --teacher: the teacher's share of each training target (default 0.5)")
     t.add_argument("--freeze-trunk", action="store_true", help="with --init: train only the head")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     t.add_argument("--samples-per-epoch", type=int, default=TrainConfig.samples_per_epoch)

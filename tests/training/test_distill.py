@@ -1,0 +1,80 @@
+"""Distillation: a student trained towards a teacher's probabilities as well as the labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.model import (
+    Architecture,
+    ModelError,
+    ModelMeta,
+    WideResNet,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tests.conftest import need_patches
+from training.data import PatchSet, load_folder, split_groups
+from training.loop import TrainConfig, fit, predict_patches
+
+#: The probability the constant teacher gives every patch, far from the labels' IDC share.
+TEACHER_P = 0.9
+
+
+@pytest.fixture(scope="module")
+def parts() -> tuple[PatchSet, PatchSet]:
+    data = load_folder(need_patches(), exclude_patients=["8975"], limit_per_patient=16, seed=2)
+    train, val = split_groups(data.groups, data.labels, [0.8, 0.2], seed=0)
+    return data.subset(train), data.subset(val)
+
+
+def _constant_teacher(path: Path, margin: int = 0) -> Path:
+    """A network that calls every patch IDC with probability TEACHER_P, whatever it shows."""
+    arch = Architecture(depth=10, widen=1)
+    net = WideResNet(arch)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(float(np.log(TEACHER_P / (1 - TEACHER_P))))
+    save_checkpoint(path, net, ModelMeta(arch=arch, margin=margin))
+    return path
+
+
+def _mean_p(checkpoint: str, val: PatchSet) -> float:
+    model = load_checkpoint(checkpoint)
+    return float(predict_patches(model.net, model.meta, val.images, torch.device("cpu")).mean())
+
+
+def test_a_student_follows_its_teacher_as_far_as_its_share(tmp_path: Path, parts) -> None:
+    train, val = parts
+    teacher = _constant_teacher(tmp_path / "teacher.pt")
+    config = TrainConfig(out=str(tmp_path / "labels.pt"), arch=Architecture(depth=10, widen=1), epochs=1,
+                         samples_per_epoch=64 * 30, batch_size=64, lr=3e-3, augment=False, device="cpu",
+                         val_jpeg_quality=None, ema=0)
+    runs = {0.0: config}
+    for share in (0.5, 1.0):
+        runs[share] = dataclasses.replace(config, out=str(tmp_path / f"kd{share}.pt"), teacher=str(teacher),
+                                          distill=share)
+    mean_p = {share: _mean_p(list(fit(c, train, val))[-1].checkpoint, val) for share, c in runs.items()}
+    # The labels are balanced by the sampler: alone they keep the mean near 0.5; the teacher's
+    # 0.9 pulls it up by its share of the targets.
+    assert mean_p[0.0] < 0.6
+    assert mean_p[0.0] < mean_p[0.5] < mean_p[1.0]
+    assert mean_p[1.0] > 0.75
+    assert load_checkpoint(runs[1.0].out).meta.provenance["config"]["teacher"] == str(teacher)
+
+
+def test_a_teacher_that_cannot_teach_gets_one_sentence(tmp_path: Path, parts) -> None:
+    train, val = parts
+    wide = _constant_teacher(tmp_path / "wide.pt", margin=6)
+    config = TrainConfig(out=str(tmp_path / "s.pt"), arch=Architecture(depth=10, widen=1), epochs=1,
+                         samples_per_epoch=64, batch_size=64, augment=False, device="cpu", teacher=str(wide))
+    with pytest.raises(ModelError, match="see no more around each patch than the student"):
+        list(fit(config, train, val))
+    with pytest.raises(ValueError, match=r"share of the targets must be in \(0, 1\]"):
+        list(fit(dataclasses.replace(config, teacher=str(_constant_teacher(tmp_path / "t.pt")), distill=1.5),
+                 train, val))
+    assert not (tmp_path / "s.pt").exists()
