@@ -78,3 +78,16 @@ def test_a_teacher_that_cannot_teach_gets_one_sentence(tmp_path: Path, parts) ->
         list(fit(dataclasses.replace(config, teacher=str(_constant_teacher(tmp_path / "t.pt")), distill=1.5),
                  train, val))
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_train_cli_passes_the_teacher_on(tmp_path: Path, few_patients: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from viewer.cli import main
+
+    wide = _constant_teacher(tmp_path / "wide.pt", margin=6)
+    rc = main(["train", str(few_patients), "--out", str(tmp_path / "s.pt"), "--limit-per-patient", "8",
+               "--device", "cpu", "--epochs", "1", "--samples-per-epoch", "64", "--batch-size", "64",
+               "--depth", "10", "--widen", "1", "--teacher", str(wide), "--distill", "0.7"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "see no more around each patch than the student" in err and "Traceback" not in err
+    assert not (tmp_path / "s.pt").exists()
