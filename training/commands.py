@@ -23,6 +23,8 @@ def folder_sources(args: Any) -> tuple[FolderSource, ...]:
 
 
 def run_train(args: Any) -> int:
+    if args.distill is not None and not args.teacher:
+        raise ValueError("--distill sets the teacher's share of the targets; give the teacher with --teacher.")
     config = TrainConfig(
         out=args.out,
         arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch, stem_stride=args.stem_stride),
@@ -43,7 +45,7 @@ def run_train(args: Any) -> int:
         resume=args.resume,
         num_threads=args.threads,
         teacher=args.teacher,
-        distill=args.distill,
+        distill=TrainConfig.distill if args.distill is None else args.distill,
     )
     session = SessionConfig(folder_sources(args), config, args.val_fraction, args.test_fraction,
                             split_from=args.split_from)

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None, help="start from this checkpoint (fine-tune)")
     t.add_argument("--teacher", default=None, metavar="CKPT",
                    help="distil: train towards this model's probabilities as well as the labels")
-    t.add_argument("--distill", type=float, default=TrainConfig.distill, metavar="A",
-                   help="with --teacher: the teacher's share of each training target (default 0.5)")
+    t.add_argument("--distill", type=float, default=None, metavar="A",
+                   help=f"with --teacher: the teacher's share of each training target (default {TrainConfig.distill})")
     t.add_argument("--freeze-trunk", action="store_true", help="with --init: train only the head")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     t.add_argument("--samples-per-epoch", type=int, default=TrainConfig.samples_per_epoch)

@@ -91,3 +91,6 @@ def test_train_cli_passes_the_teacher_on(tmp_path: Path, few_patients: Path,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "see no more around each patch than the student" in err and "Traceback" not in err
     assert not (tmp_path / "s.pt").exists()
+    rc = main(["train", str(few_patients), "--out", str(tmp_path / "s.pt"), "--distill", "0.7"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "give the teacher with --teacher" in err and len(err.splitlines()) == 1
