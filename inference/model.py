@@ -251,8 +251,7 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor | None = None
         for net, weight, crop, (mean, std) in zip(self.members, self.weights, self.crops, self.scales, strict=True):
-            view = x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop] if crop else x
-            logit = weight * net(_scale(view, mean, std))
+            logit = weight * net(_scale(inner_view(x, crop), mean, std))
             out = logit if out is None else out + logit
         assert out is not None
         return out
@@ -310,6 +309,11 @@ def to_float(images_u8: np.ndarray, device: torch.device) -> torch.Tensor:
 def normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     """Float (n, 3, h, w) in [0, 1] -> the model's input, with the checkpoint's mean and std."""
     return x if (meta.mean, meta.std) == IDENTITY else _scale(x, meta.mean, meta.std)
+
+
+def inner_view(x: torch.Tensor, crop: int) -> torch.Tensor:
+    """The middle of a batch (n, c, h, w) of wider views: ``crop`` px less on every side."""
+    return x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop] if crop else x
 
 
 def _scale(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

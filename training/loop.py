@@ -28,6 +28,7 @@ from inference.model import (
     ModelError,
     ModelMeta,
     build,
+    inner_view,
     load_checkpoint,
     normalise,
     pick_device,
@@ -323,9 +324,8 @@ def _teacher(config: TrainConfig, meta: ModelMeta, device: torch.device) -> Call
     net = model.net.eval()
 
     def probs(x: torch.Tensor) -> torch.Tensor:
-        view = x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop] if crop else x
         with torch.no_grad():
-            return torch.sigmoid(net(normalise(view, t_meta)).float())
+            return torch.sigmoid(net(normalise(inner_view(x, crop), t_meta)).float())
 
     return probs
 

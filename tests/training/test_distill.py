@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from inference.context import logit
 from inference.model import (
     Architecture,
     ModelError,
@@ -38,7 +38,7 @@ def _constant_teacher(path: Path, margin: int = 0) -> Path:
     net = WideResNet(arch)
     with torch.no_grad():
         net.head.weight.zero_()
-        net.head.bias.fill_(float(np.log(TEACHER_P / (1 - TEACHER_P))))
+        net.head.bias.fill_(float(logit(TEACHER_P)))
     save_checkpoint(path, net, ModelMeta(arch=arch, margin=margin))
     return path
 
