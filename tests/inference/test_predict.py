@@ -61,16 +61,22 @@ def mosaic(patches: list[np.ndarray], shape: tuple[int, int], up: float, seed: i
     return img, placed
 
 
+def model_views(patches: list[np.ndarray], shape: tuple[int, int], seed: int, margin: int) -> np.ndarray:
+    """What the model sees of each cell ``mosaic(patches, shape, up, seed)`` placed, in its order:
+    the original patch with ``margin`` px of the original-resolution mosaic around it (white
+    beyond the slide)."""
+    small, placed = mosaic(patches, shape, up=1, seed=seed)
+    m = margin
+    small = np.pad(small, ((m, m), (m, m), (0, 0)), constant_values=255)
+    return np.stack([small[r * 50 : r * 50 + 50 + 2 * m, c * 50 : c * 50 + 50 + 2 * m] for r, c in placed])
+
+
 def test_heatmap_cells_match_the_model_on_the_original_patches(tmp_path: Path, model: LoadedModel, real_patches) -> None:
     img, placed = mosaic(real_patches, (7, 9), up=4)
     path = tmp_path / "mosaic.tif"
     write_pyramid_from_array(path, img, model.meta.mpp / 4, downsamples=(1, 4, 16), compression="zlib")
-    # What the model sees of each cell: the original patch with the model's margin of the
-    # original-resolution mosaic around it (white beyond the slide).
-    m = model.meta.margin
-    small = np.pad(mosaic(real_patches, (7, 9), up=1)[0], ((m, m), (m, m), (0, 0)), constant_values=255)
-    views = np.stack([small[r * 50 : r * 50 + 50 + 2 * m, c * 50 : c * 50 + 50 + 2 * m] for r, c in placed])
-    expected = predict_patches(model.net, model.meta, views, torch.device("cpu"))
+    expected = predict_patches(model.net, model.meta, model_views(real_patches, (7, 9), 0, model.meta.margin),
+                               torch.device("cpu"))
     with open_slide(path) as slide:
         hm = plan(slide, model, PredictSettings(batch_size=16, first_batch=4))
         assert hm.grid.patch_l0 == 200 and hm.grid.patch_shape == (7, 9)
@@ -96,7 +102,8 @@ def test_jpeg_and_non_integer_mpp_ratio(tmp_path: Path, model: LoadedModel, real
     # Level 0 is 2.5x the model's resolution (a non-integer ratio), stored as JPEG.
     path = tmp_path / "jpeg.tif"
     write_pyramid_from_array(path, img, model.meta.mpp / 2.5, downsamples=(1, 3), compression="jpeg", quality=95)
-    expected = predict_patches(model.net, model.meta, np.stack(list(placed.values())), torch.device("cpu"))
+    expected = predict_patches(model.net, model.meta, model_views(real_patches[:16], (4, 5), 1, model.meta.margin),
+                               torch.device("cpu"))
     with open_slide(path) as slide:
         hm = plan(slide, model, PredictSettings())
         assert hm.grid.patch_l0 == pytest.approx(125)
