@@ -66,11 +66,16 @@ class Architecture:
             raise ModelError(f"WideResNet widen factor must be 1 to 16, not {self.widen}.")
 
     @property
+    def variant(self) -> str | None:
+        """The EfficientNet variant ("lite0", "lite2", a key of efficientnet.STAGES), else None."""
+        return self.family.removeprefix("efficientnet-") if self.family.startswith("efficientnet-") else None
+
+    @property
     def name(self) -> str:
         if self.family == ENSEMBLE:
             return "Ensemble"
-        if self.family.startswith("efficientnet-"):
-            return "EfficientNet-L" + self.family[14:] + ("-S1" if self.stem_stride == 1 else "")
+        if self.variant:
+            return f"EfficientNet-{self.variant.capitalize()}" + ("-S1" if self.stem_stride == 1 else "")
         return f"WRN-{self.depth}-{self.widen}"
 
 
@@ -324,8 +329,8 @@ def build(arch: Architecture) -> WideResNet | EfficientNetLite:
     """A freshly initialised single network of that architecture."""
     if arch.family == ENSEMBLE:
         raise ModelError("An ensemble is made from trained networks (idc-viewer ensemble), not trained from scratch.")
-    if arch.family.startswith("efficientnet-"):
-        return EfficientNetLite(arch.in_channels, arch.dropout, arch.stem_stride, arch.family.removeprefix("efficientnet-"))
+    if arch.variant:
+        return EfficientNetLite(arch.in_channels, arch.dropout, arch.stem_stride, arch.variant)
     return WideResNet(arch)
 
 

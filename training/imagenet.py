@@ -53,9 +53,10 @@ def imagenet_state_dict(variant: str = "lite0") -> dict[str, torch.Tensor]:
 
 def load_imagenet(net: EfficientNetLite, variant: str = "lite0") -> None:
     """Copy ImageNet weights of ``variant`` into every layer of ``net`` but its head."""
+    mismatch = ModelError(f"The ImageNet weights do not match EfficientNet-{variant.capitalize()}'s layers.")
     try:
         missing, unexpected = net.load_state_dict(imagenet_state_dict(variant), strict=False)
     except RuntimeError as exc:  # a tensor of another shape: the network is another variant
-        raise ModelError(f"The ImageNet weights do not match EfficientNet-{variant.capitalize()}'s layers.") from exc
+        raise mismatch from exc
     if unexpected or set(missing) != {"head.weight", "head.bias"}:
-        raise ModelError(f"The ImageNet weights do not match EfficientNet-{variant.capitalize()}'s layers.")
+        raise mismatch

@@ -162,7 +162,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     torch.manual_seed(config.seed)
     gen = torch.Generator()
 
-    if config.imagenet and (config.init or not config.arch.family.startswith("efficientnet-")):
+    if config.imagenet and (config.init or not config.arch.variant):
         raise ModelError("ImageNet weights start an EfficientNet only, and not together with a start model.")
     if config.init:
         start = start or load_checkpoint(config.init)
@@ -176,7 +176,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         meta = ModelMeta(arch=config.arch, mpp=config.mpp, margin=config.margin, mean=(0.5, 0.5, 0.5),
                          std=(0.5, 0.5, 0.5))
         net = build(config.arch)
-        load_imagenet(net, config.arch.family.removeprefix("efficientnet-"))  # type: ignore[arg-type]
+        load_imagenet(net, config.arch.variant)  # type: ignore[arg-type]
     else:
         mean, std = channel_stats(train.images)
         meta = ModelMeta(arch=config.arch, mpp=config.mpp, margin=config.margin, mean=mean, std=std)  # type: ignore[arg-type]
