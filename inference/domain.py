@@ -16,11 +16,12 @@ Two checks, both cheap:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inference.model import ModelMeta
+if TYPE_CHECKING:  # only its type: the annotation layer, which reads heatmaps, must not load torch
+    from inference.model import ModelMeta
 
 #: RGB optical density of pure haematoxylin, eosin and DAB (Ruifrok & Johnston 2001, as in skimage).
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
