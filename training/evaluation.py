@@ -163,10 +163,9 @@ def run_evaluate(args: Any) -> int:
 def _evaluate_patches(args: Any, model: LoadedModel) -> int:
     t = time.perf_counter()
     patients = _patients(args, model)
-    sources = tuple(FolderSource(str(d), tuple(args.exclude_patient), args.limit_per_patient) for d in args.data)
+    sources = tuple(FolderSource(str(d), tuple(args.exclude_patient), args.limit_per_patient,
+                                 None if patients is None else tuple(patients)) for d in args.data)
     data, _ = load_sources(sources, model.meta)
-    if patients is not None:
-        data = data.subset(np.isin(data.groups.astype(str), patients))
     if not len(data):
         raise ValueError("No patches of the chosen patients were found.")
     if args.jpeg_quality:

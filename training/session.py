@@ -29,6 +29,7 @@ class FolderSource:
     path: str
     exclude_patients: tuple[str, ...] = ()
     limit_per_patient: int | None = None
+    patients: tuple[str, ...] | None = None  # only these, when given
 
     def describe(self) -> str:
         return f"patch folder {self.path}"
@@ -102,7 +103,7 @@ def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> t
     parts, by_source = [], {}
     for src in sources:
         if isinstance(src, FolderSource):
-            data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed, meta.margin)
+            data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed, meta.margin, src.patients)
         else:
             with open_slide(src.slide_path, mpp=src.mpp) as slide:
                 data = patches_from_annotations(slide, src.annotations, meta, group_by=src.group_by)

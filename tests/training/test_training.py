@@ -45,6 +45,19 @@ def test_patch_names_and_patients() -> None:
     assert path.parent.name == str(label)
 
 
+@pytest.mark.parametrize("margin", [0, 6])
+def test_loading_chosen_patients_gives_their_patches_of_a_whole_load(few_patients: Path, margin: int) -> None:
+    """`evaluate --patient` reads only those patients, and gets the very patches (the same
+    draw of the limit) a load of the whole folder gives them."""
+    whole = load_folder(few_patients, limit_per_patient=6, seed=5, margin=margin)
+    chosen = sorted(set(whole.groups.tolist()))[3::4]
+    part = load_folder(few_patients, limit_per_patient=6, seed=5, margin=margin, patients=chosen)
+    keep = np.isin(whole.groups.astype(str), chosen)
+    assert 0 < len(part) < len(whole) and sorted(set(part.groups.tolist())) == chosen
+    assert np.array_equal(part.images, whole.images[keep]) and np.array_equal(part.labels, whole.labels[keep])
+    assert len(load_folder(few_patients, margin=margin, patients=["no such patient"])) == 0
+
+
 def test_small_edge_patches_are_padded() -> None:
     root = need_patches()
     with open(root / "manifest.csv") as fh:
