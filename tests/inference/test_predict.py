@@ -158,22 +158,24 @@ def test_cancel_closes_the_readers(model: LoadedModel) -> None:
 
 
 def test_predict_cli_outputs(tmp_path: Path, model: LoadedModel) -> None:
-    rc = main(["predict", str(DEMO), "--out", str(tmp_path), "--device", "cpu"])
+    rc = main(["predict", str(CMU_SVS), "--out", str(tmp_path), "--device", "cpu"])
     assert rc == 0
-    hm = Heatmap.load(tmp_path / "demo_idc_8975.heatmap.npz")
+    hm = Heatmap.load(tmp_path / "CMU-1-Small-Region.heatmap.npz")
     assert hm.complete and hm.info.model_id == model.model_id
-    png = np.asarray(Image.open(tmp_path / "demo_idc_8975.heatmap.png"))
+    png = np.asarray(Image.open(tmp_path / "CMU-1-Small-Region.heatmap.png"))
     assert png.shape[:2] == hm.grid.cell_shape and png.shape[2] == 4
-    with open(tmp_path / "demo_idc_8975.patches.csv") as fh:
+    with open(tmp_path / "CMU-1-Small-Region.patches.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == int(hm.tissue.sum())
     r = rows[0]
-    assert int(r["w_l0"]) == 50 and 0 <= float(r["prob_idc"]) <= 1
+    rect = hm.grid.patch_rect(int(r["row"]), int(r["col"]))  # level-0 px: 200 um at 0.499 um/px
+    assert [int(r[k]) for k in ("x_l0", "y_l0", "w_l0", "h_l0")] == [rect.x, rect.y, rect.w, rect.h]
+    assert 400 <= rect.w <= 402 and 0 <= float(r["prob_idc"]) <= 1
     assert float(r["prob_idc"]) == pytest.approx(float(hm.patch_prob[int(r["row"]), int(r["col"])]), abs=1e-6)
     # Second run: a cache hit, the same results.
-    rc = main(["predict", str(DEMO), "--out", str(tmp_path / "again"), "--device", "cpu"])
+    rc = main(["predict", str(CMU_SVS), "--out", str(tmp_path / "again"), "--device", "cpu"])
     assert rc == 0
-    again = Heatmap.load(tmp_path / "again" / "demo_idc_8975.heatmap.npz")
+    again = Heatmap.load(tmp_path / "again" / "CMU-1-Small-Region.heatmap.npz")
     np.testing.assert_array_equal(again.patch_prob, hm.patch_prob)
 
 

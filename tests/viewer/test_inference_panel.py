@@ -224,7 +224,7 @@ def test_an_ensemble_names_each_networks_view_and_paints_the_slide(qtbot, window
     # The two networks with the same view are named once, each with its share of the logit.
     assert ("WRN-10-1 sees the patch alone (weight 0.6) and 2 WRN-10-1 see the patch with 100 \u00b5m "
             "around it (weight 0.2 each)") in panel.model_label.text()
-    assert window.open_path(DEMO)
+    assert window.open_path(CMU_SVS)
     with qtbot.waitSignal(panel.heatmap_finished, timeout=120_000):
         panel.start()
     assert panel.heatmap.complete and panel.heatmap.info.model_id.startswith("WRN-10-1+WRN-10-1+WRN-10-1-")
