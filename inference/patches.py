@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,16 +125,34 @@ class PatchGrid:
 
     def cells_with_centre_in(self, geom: BaseGeometry) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) of the heatmap cells whose centre lies inside a level-0 geometry."""
+        _, rr, cc = self.cells_with_centre_in_each([geom])
+        return rr, cc
+
+    def cells_with_centre_in_each(self, geoms: Sequence[BaseGeometry]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index into ``geoms``, row, col) of every heatmap cell whose centre lies inside one of
+        the level-0 geometries (a centre on an edge is outside). Only the cells of each
+        geometry's bounds are tested, all in one vectorised call: a labels file may hold a
+        region per patch."""
+        arr = np.empty(len(geoms), dtype=object)
+        arr[:] = list(geoms)
+        if not len(arr):
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
         n_rows, n_cols = self.cell_shape
-        minx, miny, maxx, maxy = geom.bounds
         s = self.stride_l0
-        c0, c1 = max(0, math.floor(minx / s - 0.5)), min(n_cols, math.ceil(maxx / s - 0.5) + 1)
-        r0, r1 = max(0, math.floor(miny / s - 0.5)), min(n_rows, math.ceil(maxy / s - 0.5) + 1)
-        if c1 <= c0 or r1 <= r0:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rr, cc = np.mgrid[r0:r1, c0:c1]
-        inside = shapely.contains_xy(geom, ((cc + 0.5) * s).ravel(), ((rr + 0.5) * s).ravel())
-        return rr.ravel()[inside], cc.ravel()[inside]
+        minx, miny, maxx, maxy = np.nan_to_num(shapely.bounds(arr)).T  # an empty geometry: NaN
+        c0 = np.clip(np.floor(minx / s - 0.5), 0, n_cols).astype(np.int64)
+        c1 = np.clip(np.ceil(maxx / s - 0.5) + 1, 0, n_cols).astype(np.int64)
+        r0 = np.clip(np.floor(miny / s - 0.5), 0, n_rows).astype(np.int64)
+        r1 = np.clip(np.ceil(maxy / s - 0.5) + 1, 0, n_rows).astype(np.int64)
+        w, h = np.maximum(c1 - c0, 0), np.maximum(r1 - r0, 0)
+        n = w * h
+        region = np.repeat(np.arange(len(arr)), n)
+        k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # index inside each box
+        rr = r0[region] + k // w[region]
+        cc = c0[region] + k % w[region]
+        inside = shapely.contains_xy(arr[region], (cc + 0.5) * s, (rr + 0.5) * s)
+        return region[inside], rr[inside], cc[inside]
 
     def patches_touching(self, bounds_l0: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) of every patch whose box may overlap the level-0 bounds (x0, y0, x1, y1)."""

@@ -117,9 +117,8 @@ def cell_truth(grid: PatchGrid, truth: Truth) -> tuple[np.ndarray, int]:
     """(rows, cols) int8 labels of heatmap cells (-1: not labelled) and the number of ambiguous cells."""
     shape = grid.cell_shape
     seen = np.zeros((2, *shape), bool)
-    for geom, lab in truth.regions:
-        rr, cc = grid.cells_with_centre_in(geom)
-        seen[lab, rr, cc] = True
+    region, rr, cc = grid.cells_with_centre_in_each([geom for geom, _ in truth.regions])
+    seen[np.array([lab for _, lab in truth.regions], np.int64)[region], rr, cc] = True
     both = seen[0] & seen[1]
     out = np.full(shape, -1, np.int8)
     out[seen[0]] = 0

@@ -104,6 +104,31 @@ def test_overlapping_truth_is_ambiguous_and_asap_reads_the_same(tmp_path: Path) 
     assert ambiguous == 2 and labels.tolist() == [[1, -1, 0, 0]] * 2
 
 
+def test_cells_of_many_regions_are_those_whose_centre_each_contains() -> None:
+    """cell_truth's one vectorised call gives each region exactly the cells whose centre it
+    contains (checked against every centre of the grid), centres on an edge left out."""
+    from inference.truth import labels_path
+    from tests.conftest import DEMO
+
+    rng = np.random.default_rng(3)
+    grid = PatchGrid.build((3651, 2701), 4.0, 4.0, 50)
+    geoms = [g for g, _ in load_truth(labels_path(DEMO)).regions[::7]]
+    k = len(geoms)
+    geoms += [shapely.box(25, 25, 325, 175),  # edges through cell centres
+              shapely.box(-500, -500, 80, 80), shapely.box(9000, 9000, 9100, 9100),  # partly, wholly outside
+              *(shapely.Point(rng.uniform(0, 3651), rng.uniform(0, 2701)).buffer(rng.uniform(10, 400))
+                for _ in range(20))]
+    region, rr, cc = grid.cells_with_centre_in_each(geoms)
+    all_r, all_c = np.indices(grid.cell_shape).reshape(2, -1)
+    for i, g in enumerate(geoms):
+        inside = shapely.contains_xy(g, (all_c + 0.5) * 50, (all_r + 0.5) * 50)
+        expected = sorted(zip(all_r[inside].tolist(), all_c[inside].tolist(), strict=True))
+        assert sorted(zip(rr[region == i].tolist(), cc[region == i].tolist(), strict=True)) == expected
+    # Centres 75..275 by 75..125 (those on the edges are out); 25..75 square; none.
+    assert [int((region == k + j).sum()) for j in range(3)] == [10, 4, 0]
+    assert len(region) > len(geoms) and grid.cells_with_centre_in_each([])[0].size == 0
+
+
 def test_calibration_picks_context_when_neighbours_help() -> None:
     rng = np.random.default_rng(0)
     heatmaps, truths = [], []
