@@ -14,7 +14,7 @@ from inference.annotations import Annotation
 from inference.model import load_checkpoint
 from inference.predict import PredictSettings
 from resources import shipped_model_path
-from tests.conftest import DEMO, need_patches
+from tests.conftest import CMU_SVS, DEMO, need_patches
 from tests.viewer.conftest import show_window
 from training.loop import EpochReport, StepReport
 from viewer.cli import main
@@ -79,8 +79,8 @@ def test_train_use_model_and_heatmap_reruns(qtbot, window: MainWindow, tiny_fold
 
     for module in ("training.loop", "training.session", "viewer.training_tab"):
         monkeypatch.setattr(f"{module}.load_checkpoint", counting_load)
-    slide = tmp_path / DEMO.name
-    shutil.copy(DEMO, slide)
+    slide = tmp_path / CMU_SVS.name
+    shutil.copy(CMU_SVS, slide)
     assert window.open_path(slide)
     tab = window.training
     configure(tab, tiny_folder)
@@ -227,7 +227,6 @@ def test_switching_slides_50_times_while_fine_tuning(qtbot, window: MainWindow, 
     started on each): only the current jobs' reports arrive, the run ends normally, no thread is left."""
     import numpy as np
 
-    from tests.conftest import CMU_SVS
 
     tab = window.training
     configure(tab, tiny_folder, epochs=3)
