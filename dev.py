@@ -2,7 +2,8 @@
 """One-command set-up for developers and CI: `python3 dev.py run` or `python3 dev.py test`.
 
 Creates `.venv` beside this file on first use, installs the project with its test extras, then
-runs the app on the bundled demo slide, or the whole test suite (ruff, import-linter, pytest).
+runs the app on the bundled demo slide, or the whole test suite (ruff, import-linter, pytest on
+one worker per core).
 Set IDC_TORCH_SPEC (e.g. "torch==2.13.0") to pin the PyTorch build installed first.
 """
 
@@ -67,8 +68,13 @@ def test(extra: list[str]) -> int:
     ensure_xvfb()
     sh(BIN / "ruff", "check", "inference", "training", "viewer", "tests", "benchmarks", "resources")
     sh(BIN / "lint-imports")
+    # One pytest worker per core (at most 4), each test file on one worker so that its module
+    # fixtures are built once; torch's threads share the cores instead of oversubscribing them.
+    workers = max(1, min(4, os.cpu_count() or 1))
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
-    return subprocess.run([str(PY), "-m", "pytest", "-q", *extra], cwd=ROOT, env=env).returncode
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
+    return subprocess.run([str(PY), "-m", "pytest", "-q", *parallel, *extra], cwd=ROOT, env=env).returncode
 
 
 def run(extra: list[str]) -> int:
