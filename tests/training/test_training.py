@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -160,10 +161,11 @@ def test_train_and_evaluate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "8975" not in test_patients + meta.provenance["val_patients"]
     assert "test" in meta.metrics
     capsys.readouterr()
-    rc = main(["evaluate", str(root), "--model", str(out), "--limit-per-patient", "12", "--json"])
+    rc = main(["evaluate", str(root), "--model", str(out), "--limit-per-patient", "12", "--patients", "test", "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] > 2000
+    per_patient = Counter(patient for _, patient, _ in find_patch_files(root))
+    assert result["n"] == sum(min(12, per_patient[p]) for p in test_patients) > 200  # those patients only
     for k in ("accuracy", "balanced_accuracy", "f1", "auc"):
         assert 0.0 <= result[k] <= 1.0
 
@@ -179,7 +181,8 @@ def test_resume_continues_from_the_last_epoch(small_real: PatchSet, tmp_path: Pa
     from training.loop import EpochReport
 
     parts = split_groups(small_real.groups, small_real.labels, [0.8, 0.2], seed=0)
-    train, val = small_real.subset(parts[0]), small_real.subset(parts[1])
+    # A quarter of the validation patches: this test is about epochs, not about how well they score.
+    train, val = small_real.subset(parts[0]), small_real.subset(parts[1] & (np.arange(len(small_real)) % 4 == 0))
     config = TrainConfig(out=str(tmp_path / "r.pt"), arch=Architecture(10, 1), epochs=3, samples_per_epoch=128,
                          batch_size=64, device="cpu", patience=10)
     gen = fit(config, train, val)
