@@ -68,11 +68,13 @@ def test(extra: list[str]) -> int:
     ensure_xvfb()
     sh(BIN / "ruff", "check", "inference", "training", "viewer", "tests", "benchmarks", "resources")
     sh(BIN / "lint-imports")
-    # One pytest worker per core (at most 4), each test file on one worker so that its module
-    # fixtures are built once; torch's threads share the cores instead of oversubscribing them.
-    workers = max(1, min(4, os.cpu_count() or 1))
+    # One pytest worker per core this process may use (at most 4), each test file on one worker
+    # so that its module fixtures are built once; torch's threads share the cores instead of
+    # oversubscribing them.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(4, cores)
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    env.setdefault("OMP_NUM_THREADS", str(cores // workers))
     parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else []
     return subprocess.run([str(PY), "-m", "pytest", "-q", *parallel, *extra], cwd=ROOT, env=env).returncode
 

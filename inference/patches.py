@@ -135,9 +135,6 @@ class PatchGrid:
         region per patch."""
         arr = np.empty(len(geoms), dtype=object)
         arr[:] = list(geoms)
-        if not len(arr):
-            empty = np.zeros(0, np.int64)
-            return empty, empty, empty
         n_rows, n_cols = self.cell_shape
         s = self.stride_l0
         minx, miny, maxx, maxy = np.nan_to_num(shapely.bounds(arr)).T  # an empty geometry: NaN
@@ -145,8 +142,8 @@ class PatchGrid:
         c1 = np.clip(np.ceil(maxx / s - 0.5) + 1, 0, n_cols).astype(np.int64)
         r0 = np.clip(np.floor(miny / s - 0.5), 0, n_rows).astype(np.int64)
         r1 = np.clip(np.ceil(maxy / s - 0.5) + 1, 0, n_rows).astype(np.int64)
-        w, h = np.maximum(c1 - c0, 0), np.maximum(r1 - r0, 0)
-        n = w * h
+        w = np.maximum(c1 - c0, 0)
+        n = w * np.maximum(r1 - r0, 0)
         region = np.repeat(np.arange(len(arr)), n)
         k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)  # index inside each box
         rr = r0[region] + k // w[region]

@@ -214,7 +214,7 @@ def load_folder(
         if not by_patient:
             return empty_set(margin)
     if margin:  # a patient's mosaic is built from all its patches, so all of them key the cache
-        drawn = hashlib.sha256(repr(sorted(chosen.items())).encode()).hexdigest()
+        drawn = hashlib.sha256(repr(chosen).encode()).hexdigest()  # patients in sorted order
         cache = _cache_path([f for pt in sorted(by_patient) for f in by_patient[pt]],
                             f"margin={margin};chosen={drawn}")
     else:
