@@ -15,7 +15,8 @@ from inference.context import context_prob
 from inference.heatmap import Heatmap, HeatmapInfo, cache_path
 from inference.patches import PatchGrid
 from inference.slide_eval import calibrate, evaluate_heatmap, summary
-from inference.truth import TruthError, cell_truth, load_truth
+from inference.truth import TruthError, cell_truth, labels_path, load_truth
+from tests.conftest import DEMO
 from viewer.cli import main
 
 
@@ -107,9 +108,6 @@ def test_overlapping_truth_is_ambiguous_and_asap_reads_the_same(tmp_path: Path) 
 def test_cells_of_many_regions_are_those_whose_centre_each_contains() -> None:
     """cell_truth's one vectorised call gives each region exactly the cells whose centre it
     contains (checked against every centre of the grid), centres on an edge left out."""
-    from inference.truth import labels_path
-    from tests.conftest import DEMO
-
     rng = np.random.default_rng(3)
     grid = PatchGrid.build((3651, 2701), 4.0, 4.0, 50)
     geoms = [g for g, _ in load_truth(labels_path(DEMO)).regions[::7]]

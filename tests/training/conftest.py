@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,17 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[tuple[i
 @pytest.fixture(scope="module")
 def few_patients(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of 12 real patients' patches (links), so that margin loads read only those."""
+    return link_patients(tmp_path_factory.mktemp("few"), 12)
+
+
+def link_patients(out: Path, first: int, extra: Iterable[str] = ()) -> Path:
+    """``out`` made a folder of links to the first ``first`` real patients (by name, patient 8975
+    left out) and to the ``extra`` ones."""
     root = need_patches()
-    out = tmp_path_factory.mktemp("few")
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "8975")[:12]:
-        (out / d.name).symlink_to(d, target_is_directory=True)
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "8975")[:first]
+    for name in sorted({*names, *extra}):
+        (out / name).symlink_to(root / name, target_is_directory=True)
     return out
 
 

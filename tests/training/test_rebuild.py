@@ -16,6 +16,7 @@ from inference.slide import open_slide
 from inference.truth import cell_truth
 from resources import shipped_model_path
 from tests.conftest import need_patches
+from tests.training.conftest import link_patients
 from training.data import patches_by_patient
 from training.rebuild import DATA_MPP, rebuild_slides
 from viewer.cli import main
@@ -62,14 +63,9 @@ def test_evaluate_as_slides_and_patch_robustness_cli(tmp_path: Path, capsys: pyt
 
 
 def test_calibrate_writes_threshold_and_context(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = need_patches()
     # The two calibration patients and 20 more (links): the colour domain is fitted on the
     # folder's patients that the model trained on, not on its validation and test patients.
-    folder = tmp_path / "patches"
-    folder.mkdir()
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "8975")[:20]
-    for name in sorted({*names, *PATIENTS}):
-        (folder / name).symlink_to(root / name, target_is_directory=True)
+    folder = link_patients(tmp_path / "patches", 20, PATIENTS)
     shipped = load_checkpoint(shipped_model_path())
     held_out = {str(p) for key in ("val_patients", "test_patients") for p in shipped.meta.provenance[key]}
     out = tmp_path / "cal.pt"
@@ -77,7 +73,8 @@ def test_calibrate_writes_threshold_and_context(tmp_path: Path, capsys: pytest.C
                "--out", str(out), "--device", "cpu"])
     assert rc == 0
     model = load_checkpoint(out)
-    assert model.meta.domain["patients"] == len({*names, *PATIENTS} - held_out) >= 12
+    linked = {p.name for p in folder.iterdir()}
+    assert model.meta.domain["patients"] == len(linked - held_out) >= 12
     cal = model.meta.metrics["calibration"]
     assert [r["sigma"] for r in cal["table"]][0] == 0.0 and cal["patients"] == [f"patient {p}" for p in PATIENTS]
     best = max(cal["table"], key=lambda r: r["loo_balanced_accuracy"])
