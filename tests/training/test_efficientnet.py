@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,20 +82,49 @@ def small_split() -> tuple[PatchSet, PatchSet]:
     return data.subset(parts[0]), data.subset(parts[1])
 
 
-def _head_only_auc(split: tuple[PatchSet, PatchSet], out: Path, imagenet: bool) -> float:
+def _head_only_auc(split: tuple[PatchSet, PatchSet], out: Path, imagenet: bool = False, init: Path | None = None) -> float:
     config = TrainConfig(out=str(out), arch=LITE0, epochs=1, samples_per_epoch=64 * 25, batch_size=64,
-                         lr=3e-3, augment=False, device="cpu", imagenet=imagenet, freeze_trunk=True, ema=0)
+                         lr=3e-3, augment=False, device="cpu", imagenet=imagenet, freeze_trunk=True, ema=0,
+                         init=str(init) if init else None)
     for _ in fit(config, *split):
         pass
     return load_checkpoint(out).meta.metrics["validation"]["patient_weighted"]["auc"]
+
+
+def _scaled(images: np.ndarray) -> torch.Tensor:
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+
+
+def _random_trunk(train: PatchSet, path: Path) -> torch.Tensor:
+    """A random EfficientNet-Lite0 whose batch-norm statistics are those of the training patches.
+
+    With its initial statistics (mean 0, variance 1) a random trunk's activations collapse and
+    every patch gets the same features: a baseline that cannot separate anything by construction.
+    Returns the pooled features of the first 256 training patches.
+    """
+    torch.manual_seed(0)
+    net = EfficientNetLite(dropout=0.2)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over every batch below
+    x = _scaled(train.images[:512])
+    with torch.no_grad():
+        for batch in x.split(64):
+            net.train()(batch)
+        feats = net.eval().trunk(x[:256]).mean((2, 3))
+    save_checkpoint(path, net, ModelMeta(arch=LITE0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    return feats
 
 
 def test_imagenet_features_separate_idc_where_random_ones_do_not(
     small_split: tuple[PatchSet, PatchSet], tmp_path: Path
 ) -> None:
     """Training the head alone: ImageNet features tell IDC apart, a random trunk's hardly do."""
+    random_feats = _random_trunk(small_split[0], tmp_path / "random-trunk.pt")
+    assert random_feats.std(0).mean() > 0.05  # the baseline's features differ from patch to patch
     pretrained = _head_only_auc(small_split, tmp_path / "imagenet.pt", imagenet=True)
-    random = _head_only_auc(small_split, tmp_path / "random.pt", imagenet=False)
+    random = _head_only_auc(small_split, tmp_path / "random.pt", init=tmp_path / "random-trunk.pt")
     model = load_checkpoint(tmp_path / "imagenet.pt")
     assert model.meta.arch.family == "efficientnet-lite0" and model.meta.mean == (0.5, 0.5, 0.5)
     assert pretrained > 0.7 and pretrained > random + 0.1, (pretrained, random)
