@@ -22,7 +22,7 @@ from inference.heatmap import Heatmap
 from inference.model import LoadedModel
 from inference.predict import BatchResult, PredictSettings, plan, predict_slide
 from inference.slide import Slide
-from inference.truth import Agreement, Truth, agreement, cell_truth
+from inference.truth import Agreement, Truth, agreement, away_from_borders, cell_truth
 
 #: Context neighbourhoods (in cells) tried by calibration; 0 is the per-patch map.
 SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -33,12 +33,14 @@ METRIC_KEYS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity")
 
 @dataclass(frozen=True)
 class SlideResult:
-    """One slide's agreement with its truth, for the per-patch map and the context map."""
+    """One slide's agreement with its truth, for the per-patch map and the context map, and for
+    the map shown on the cells away from the borders between IDC and non-IDC truth."""
 
     name: str
     raw: Agreement | None
     context: Agreement | None
     seconds: float
+    away_from_borders: Agreement | None = None
 
     @property
     def shown(self) -> Agreement | None:
@@ -55,7 +57,7 @@ class SlideResult:
                     **{k: _finite(getattr(m, k)) for k in METRIC_KEYS}}
 
         return {"slide": self.name, "seconds": round(self.seconds, 2), "per_patch": one(self.raw),
-                "context": one(self.context)}
+                "context": one(self.context), "away_from_borders": one(self.away_from_borders)}
 
 
 def _finite(v: float) -> float | None:
@@ -85,7 +87,8 @@ def evaluate_heatmap(name: str, heatmap: Heatmap, truth: Truth, seconds: float =
         heatmap.context = True
         ctx = agreement(heatmap, labels, ambiguous)
     heatmap.context = show
-    return SlideResult(name, raw, ctx, seconds)
+    inner = agreement(heatmap, away_from_borders(labels), ambiguous)
+    return SlideResult(name, raw, ctx, seconds, inner)
 
 
 def summary(results: Sequence[SlideResult], which: str = "shown") -> dict[str, Any]:

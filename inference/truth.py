@@ -127,6 +127,23 @@ def cell_truth(grid: PatchGrid, truth: Truth) -> tuple[np.ndarray, int]:
     return out, int(both.sum())
 
 
+def away_from_borders(labels: np.ndarray) -> np.ndarray:
+    """Cell labels with every cell that touches a cell of the other class (8-neighbourhood) unlabelled.
+
+    Hand-drawn regions and per-patch labels are least certain where IDC meets non-IDC, and a
+    cell there shows some of both. Agreement on the cells that remain says how much of a
+    model's disagreement with the truth lies on those borders. Unlabelled cells make no border.
+    """
+    rows, cols = labels.shape
+    padded = np.pad(labels, 1, constant_values=-1)
+    border = np.zeros(labels.shape, bool)
+    for dy in range(3):
+        for dx in range(3):
+            near = padded[dy : dy + rows, dx : dx + cols]
+            border |= (near >= 0) & (labels >= 0) & (near != labels)
+    return np.where(border, -1, labels).astype(labels.dtype)
+
+
 def agreement(heatmap: Heatmap, labels: np.ndarray, ambiguous: int = 0) -> Agreement | None:
     """Metrics of the map shown against cell labels, at the model's threshold for that map.
 

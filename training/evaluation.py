@@ -127,11 +127,15 @@ def _print_slides(results: list[SlideResult], model: LoadedModel) -> None:
         extra = f"   ({_fmt(r.raw.metrics.auc)} {_fmt(r.raw.metrics.balanced_accuracy)})" if has_ctx and r.raw else ""
         print(f"{r.name[:27]:28}{a.cells:7d}{a.idc_cells:7d}  {_fmt(m.auc)}   {_fmt(m.balanced_accuracy)}  "
               f"{_fmt(m.f1)}  {_fmt(m.sensitivity)}  {_fmt(m.specificity)}  {_fmt(m.threshold)}{extra}")
-    for label, which in (("mean", "shown"), *((("mean, per-patch map", "raw"),) if has_ctx else ())):
+    means = (("mean", "shown"), *((("mean, per-patch map", "raw"),) if has_ctx else ()),
+             ("mean away from region borders", "away_from_borders"))
+    for label, which in means:
         s = summary(results, which)
         print(f"{label} over {s['slides_with_both_classes']} slides with both classes "
-              f"(F1 over {s['slides_for_f1']} with >= 10% IDC): "
+              f"(F1 over {s['slides_for_f1']} with >= 10% IDC; {s['cells']} cells): "
               + ", ".join(f"{k} {_fmt(s[k]).strip()}" for k in METRIC_KEYS))
+    print("(away from region borders: cells touching a cell of the other class are left out, "
+          "where hand-drawn truth is least certain)")
 
 
 def _slide_report(results: list[SlideResult], model: LoadedModel) -> dict[str, Any]:
@@ -139,7 +143,8 @@ def _slide_report(results: list[SlideResult], model: LoadedModel) -> dict[str, A
             "context_sigma": model.meta.context_sigma, "context_threshold": model.meta.context_threshold,
             "threshold_adapt": model.meta.threshold_adapt,
             "slides": [r.as_dict() for r in results],
-            "mean": summary(results, "shown"), "mean_per_patch_map": summary(results, "raw")}
+            "mean": summary(results, "shown"), "mean_per_patch_map": summary(results, "raw"),
+            "mean_away_from_borders": summary(results, "away_from_borders")}
 
 
 def run_evaluate(args: Any) -> int:

@@ -15,7 +15,7 @@ from inference.context import context_prob
 from inference.heatmap import Heatmap, HeatmapInfo, cache_path
 from inference.patches import PatchGrid
 from inference.slide_eval import calibrate, evaluate_heatmap, summary
-from inference.truth import TruthError, cell_truth, labels_path, load_truth
+from inference.truth import TruthError, away_from_borders, cell_truth, labels_path, load_truth
 from tests.conftest import DEMO
 from viewer.cli import main
 
@@ -93,6 +93,27 @@ def test_evaluate_heatmap_gives_exact_cell_counts() -> None:
     assert (m.tp, m.fn, m.fp, m.tn) == (5, 1, 2, 10)
     assert m.sensitivity == pytest.approx(5 / 6) and m.specificity == pytest.approx(10 / 12)
     assert res.context is None and summary([res], "raw")["cells"] == 18
+    # Away from the IDC / non-IDC border: row 0's IDC cells, and the non-IDC cells of row 2 from
+    # column 4 (column 3 touches IDC (1, 2) diagonally) and all of row 3.
+    inner = res.away_from_borders
+    assert (inner.cells, inner.idc_cells, inner.outside_tissue) == (11, 3, 1)
+    # IDC 0.9 0.8 0.3 -> TP 2, FN 1; non-IDC: only (3, 3) at 0.9 -> FP 1, TN 7.
+    assert (inner.metrics.tp, inner.metrics.fn, inner.metrics.fp, inner.metrics.tn) == (2, 1, 1, 7)
+    assert summary([res], "away_from_borders")["cells"] == 11
+
+
+def test_away_from_borders_leaves_out_cells_touching_the_other_class() -> None:
+    labels = np.array([[1, 1, 1, -1, 0],
+                       [1, 1, 1, -1, 0],
+                       [1, 1, 1, -1, 0],
+                       [-1, -1, 0, 0, 0]], np.int8)
+    # Unlabelled cells make no border; (2, 1), (2, 2), (3, 2) and (3, 3) touch the other class.
+    assert away_from_borders(labels).tolist() == [[1, 1, 1, -1, 0],
+                                                  [1, 1, 1, -1, 0],
+                                                  [1, -1, -1, -1, 0],
+                                                  [-1, -1, -1, -1, 0]]
+    assert away_from_borders(labels).dtype == np.int8
+    assert np.array_equal(away_from_borders(np.zeros((3, 3), np.int8)), np.zeros((3, 3), np.int8))
 
 
 def test_overlapping_truth_is_ambiguous_and_asap_reads_the_same(tmp_path: Path) -> None:

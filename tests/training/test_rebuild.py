@@ -54,6 +54,9 @@ def test_evaluate_as_slides_and_patch_robustness_cli(tmp_path: Path, capsys: pyt
     assert [s["slide"] for s in slides["slides"]] == [f"patient {p}" for p in PATIENTS]
     assert [s["per_patch"]["cells"] for s in slides["slides"]] == [28, 27]
     assert slides["mean"]["slides_with_both_classes"] == 2
+    for s in slides["slides"]:  # cells touching the other class are left out of the inner figure
+        assert s["away_from_borders"]["cells"] <= s["context"]["cells"]
+    assert slides["mean_away_from_borders"]["cells"] == sum(s["away_from_borders"]["cells"] for s in slides["slides"])
     assert main(args) == 0
     png = json.loads(capsys.readouterr().out)
     assert main([*args, "--jpeg-quality", "75"]) == 0
