@@ -26,7 +26,15 @@ from inference.model import LoadedModel, ModelMeta, pick_device
 from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Finished, Planned, cached_heatmap, infer
-from inference.truth import Truth, TruthError, agreement, cell_truth, labels_path, load_truth
+from inference.truth import (
+    Truth,
+    TruthError,
+    agreement,
+    away_from_borders,
+    cell_truth,
+    labels_path,
+    load_truth,
+)
 from viewer.layers import HeatmapLayer, OutlineLayer
 from viewer.session import SlideSession
 from viewer.slide_view import SlideView
@@ -79,7 +87,8 @@ class InferencePanel(QWidget):
         self.layer: HeatmapLayer | None = None
         self.truth: OutlineLayer | None = None
         self.ground_truth: Truth | None = None
-        self._cell_labels: tuple[HeatmapInfo, np.ndarray, int] | None = None
+        # the heatmap they were found for, the cell labels, ambiguous cells, labels away from borders
+        self._cell_labels: tuple[HeatmapInfo, np.ndarray, int, np.ndarray] | None = None
         self.runner = JobRunner(self)
         self.runner.report.connect(self._on_runner_report)
         self.runner.failed.connect(self._on_runner_failed)
@@ -417,14 +426,18 @@ class InferencePanel(QWidget):
             return
         if self._cell_labels is None or self._cell_labels[0] != self.heatmap.info:
             labels, ambiguous = cell_truth(self.heatmap.grid, self.ground_truth)
-            self._cell_labels = (self.heatmap.info, labels, ambiguous)
-        a = agreement(self.heatmap, self._cell_labels[1], self._cell_labels[2])
+            self._cell_labels = (self.heatmap.info, labels, ambiguous, away_from_borders(labels))
+        _, labels, ambiguous, inner_labels = self._cell_labels
+        a = agreement(self.heatmap, labels, ambiguous)
         if a is not None and 0 < a.idc_cells < a.cells:
             m = a.metrics
-            self.agreement_label.setText(
-                f"Agreement with the ground truth ({a.cells} labelled cells): AUC {m.auc:.3f}, "
-                f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} at threshold {m.threshold:.2f}."
-            )
+            text = (f"Agreement with the ground truth ({a.cells} labelled cells): AUC {m.auc:.3f}, "
+                    f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} at threshold {m.threshold:.2f}.")
+            inner = agreement(self.heatmap, inner_labels, ambiguous)
+            if inner is not None and 0 < inner.idc_cells < inner.cells and inner.cells < a.cells:
+                text += (f" Away from region borders ({inner.cells} cells): AUC {inner.metrics.auc:.3f}, "
+                         f"balanced accuracy {inner.metrics.balanced_accuracy:.3f}.")
+            self.agreement_label.setText(text)
 
     def probability_at(self, x_l0: float, y_l0: float) -> float | None:
         """IDC probability of the cell under a level-0 point, if computed."""

@@ -7,6 +7,7 @@ import pytest
 
 from inference.model import load_checkpoint
 from inference.predict import BatchResult, PredictSettings
+from inference.truth import away_from_borders, cell_truth
 from resources import shipped_model_path
 from tests.conftest import CMU_SVS, DEMO
 from tests.viewer.conftest import show_window
@@ -100,6 +101,10 @@ def test_ground_truth_outline_and_agreement(qtbot, window: MainWindow) -> None:
     assert "AUC" in text
     auc = float(text.split("AUC ")[1].split(",")[0])
     assert auc > 0.8
+    # the same figures without the cells on the IDC / non-IDC borders of the demo's truth
+    labels, _ = cell_truth(window.inference.heatmap.grid, window.inference.ground_truth)
+    inner = int((away_from_borders(labels) >= 0).sum())
+    assert f"Away from region borders ({inner} cells): AUC " in text and inner < (labels >= 0).sum()
 
 
 def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWindow, model) -> None:
