@@ -140,8 +140,8 @@ def away_from_borders(labels: np.ndarray) -> np.ndarray:
     for dy in range(3):
         for dx in range(3):
             near = padded[dy : dy + rows, dx : dx + cols]
-            border |= (near >= 0) & (labels >= 0) & (near != labels)
-    return np.where(border, -1, labels).astype(labels.dtype)
+            border |= (near >= 0) & (near != labels)
+    return np.where(border & (labels >= 0), -1, labels).astype(labels.dtype)
 
 
 def agreement(heatmap: Heatmap, labels: np.ndarray, ambiguous: int = 0) -> Agreement | None:

@@ -6,12 +6,19 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from inference.efficientnet import EfficientNetLite
-from inference.model import Architecture, ModelError, ModelMeta, load_checkpoint, save_checkpoint
+from inference.model import (
+    Architecture,
+    ModelError,
+    ModelMeta,
+    load_checkpoint,
+    normalise,
+    save_checkpoint,
+    to_float,
+)
 from tests.conftest import need_patches
 from training.data import PatchSet, load_folder, split_groups
 from training.imagenet import imagenet_state_dict, load_imagenet, wheel_file
@@ -91,10 +98,6 @@ def _head_only_auc(split: tuple[PatchSet, PatchSet], out: Path, imagenet: bool =
     return load_checkpoint(out).meta.metrics["validation"]["patient_weighted"]["auc"]
 
 
-def _scaled(images: np.ndarray) -> torch.Tensor:
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
-
-
 def _random_trunk(train: PatchSet, path: Path) -> torch.Tensor:
     """A random EfficientNet-Lite0 whose batch-norm statistics are those of the training patches.
 
@@ -104,16 +107,17 @@ def _random_trunk(train: PatchSet, path: Path) -> torch.Tensor:
     """
     torch.manual_seed(0)
     net = EfficientNetLite(dropout=0.2)
+    meta = ModelMeta(arch=LITE0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over every batch below
-    x = _scaled(train.images[:512])
+    x = normalise(to_float(train.images[:512], torch.device("cpu")), meta)
     with torch.no_grad():
         for batch in x.split(64):
             net.train()(batch)
         feats = net.eval().trunk(x[:256]).mean((2, 3))
-    save_checkpoint(path, net, ModelMeta(arch=LITE0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    save_checkpoint(path, net, meta)
     return feats
 
 
