@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -191,24 +192,21 @@ def test_switching_slides_50_times_mid_run_applies_no_stale_report(qtbot, window
 
 def test_cancel_then_run_resumes_where_it_stopped(qtbot, window: MainWindow, monkeypatch) -> None:
     """Issue 13, item 7: progress went 352 -> 32 after a cancel; now the finished cells stay."""
-    import threading
-
     import viewer.inference_panel as panel_module
     from inference.session import Planned
 
     # The first job waits after its third batch until the test has cancelled it, so that it
     # cannot finish the slide's 35 cells first on a busy machine (the worker thread runs ahead
-    # of the GUI thread's reports); the second job runs freely.
-    real_infer, cancelled, jobs = panel_module.infer, threading.Event(), []
+    # of the GUI thread's reports); the second job starts after the cancel and never waits.
+    real_infer, cancelled = panel_module.infer, threading.Event()
 
     def infer(*args, **kwargs):
-        jobs.append(1)
-        gen, first, seen = real_infer(*args, **kwargs), len(jobs) == 1, 0
+        gen, seen = real_infer(*args, **kwargs), 0
         try:
             for report in gen:
                 yield report
                 seen += isinstance(report, BatchResult)
-                if first and seen == 3:
+                if seen == 3:
                     cancelled.wait(30)
         finally:
             gen.close()
