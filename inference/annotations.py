@@ -6,6 +6,7 @@ The store is a plain Python model: views subscribe with ``store.subscribe(callba
 from __future__ import annotations
 
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -110,7 +111,8 @@ class AnnotationStore:
 
     def ensure_class(self, name: str, color: tuple[int, int, int] | None = None) -> None:
         if not any(c.name == name for c in self.classes):
-            rng = np.random.default_rng(abs(hash(name)) % 2**32)
+            # Seeded by the name's CRC, not hash(): str hashes change from one process to the next.
+            rng = np.random.default_rng(zlib.crc32(name.encode()))
             self.classes.append(AnnotationClass(name, color or tuple(int(v) for v in rng.integers(40, 230, 3))))
 
     # -- editing (each call is one undo step) -----------------------------------------------

@@ -112,6 +112,19 @@ def test_malformed_files_raise_one_sentence(tmp_path: Path, text: str) -> None:
     assert str(info.value).endswith(".") and "\n" not in str(info.value)
 
 
+def test_a_new_class_has_the_same_colour_in_every_process() -> None:
+    """A class made without a colour (a new name in the panel, an ASAP file without colours) is
+    drawn and exported in a colour that follows from its name, whatever the process's hash seed."""
+    code = ("from inference.annotations import AnnotationStore; s = AnnotationStore(); "
+            "s.ensure_class('Necrosis'); print(s.color('Necrosis'))")
+    colours = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(colours) == 1
+    store = AnnotationStore()
+    store.ensure_class("Necrosis")
+    assert colours == {f"{store.color('Necrosis')}\n"}
+
+
 def test_undo_redo_restores_state_exactly() -> None:
     store = AnnotationStore()
     seen = []
