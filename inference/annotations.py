@@ -17,6 +17,7 @@ from shapely.geometry.base import BaseGeometry
 
 from inference.errors import UserError
 from inference.heatmap import Heatmap
+from inference.patches import PatchGrid
 
 
 class AnnotationError(UserError):
@@ -205,17 +206,23 @@ def regions_from_heatmap(heatmap: Heatmap, threshold: float, min_area_um2: float
     Edges follow the cell grid with one vertex per corner (collinear points removed); holes are
     kept; regions smaller than ``min_area_um2`` are dropped (needs ``mpp``).
     """
-    prob = heatmap.prob
-    mask = np.nan_to_num(prob, nan=-1.0) >= threshold
+    mask = np.nan_to_num(heatmap.prob, nan=-1.0) >= threshold
+    return regions_from_cells(heatmap.grid, mask, "IDC", "IDC region", min_area_um2, mpp)
+
+
+def regions_from_cells(grid: PatchGrid, mask: np.ndarray, cls: str, name: str, min_area_um2: float = 0.0,
+                       mpp: float | None = None) -> list[Annotation]:
+    """The heatmap cells in ``mask`` as polygons of class ``cls``, merged on the cell grid and
+    named "<name> 1", "<name> 2"... from the largest (see :func:`regions_from_heatmap`)."""
     if not mask.any():
         return []
     rows, cols = np.nonzero(mask)
-    union = shapely.union_all(heatmap.grid.cell_boxes(rows, cols)).simplify(0)
+    union = shapely.union_all(grid.cell_boxes(rows, cols)).simplify(0)
     polys = list(getattr(union, "geoms", [union]))
     polys.sort(key=lambda p: -p.area)
     out = []
     for poly in polys:
         if mpp is not None and poly.area * mpp * mpp < min_area_um2:
             continue
-        out.append(Annotation(geometry=poly, cls="IDC", name=f"IDC region {len(out) + 1}", source="model"))
+        out.append(Annotation(geometry=poly, cls=cls, name=f"{name} {len(out) + 1}", source="model"))
     return out

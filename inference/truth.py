@@ -10,7 +10,8 @@ computed and is shown as no IDC, so it counts with probability 0.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from shapely.geometry.base import BaseGeometry
 
 from inference import metrics as M
 from inference.annotation_io import read_file
-from inference.annotations import AnnotationError
+from inference.annotations import Annotation, AnnotationClass, AnnotationError, regions_from_cells
 from inference.errors import UserError
 from inference.geometry import Rect
 from inference.heatmap import Heatmap
@@ -27,6 +28,10 @@ from inference.patches import PatchGrid
 
 IDC_NAMES = {"idc", "tumor", "tumour", "invasive ductal carcinoma", "positive"}
 NON_IDC_NAMES = {"non-idc", "non idc", "nonidc", "non-tumor", "non-tumour", "normal", "benign", "negative"}
+#: Classes of the regions where a heatmap disagrees with the truth (:func:`disagreements`).
+FALSE_IDC = "False IDC"
+MISSED_IDC = "Missed IDC"
+DISAGREEMENT_CLASSES = (AnnotationClass(FALSE_IDC, (255, 150, 0)), AnnotationClass(MISSED_IDC, (170, 40, 230)))
 
 
 class TruthError(UserError, ValueError):
@@ -144,18 +149,40 @@ def away_from_borders(labels: np.ndarray) -> np.ndarray:
     return np.where(border & (labels >= 0), -1, labels).astype(labels.dtype)
 
 
+def _compared(heatmap: Heatmap, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cells compared, the probability shown on every cell, cells outside the tissue): labelled
+    cells that are computed, or outside the tissue mask and so shown as no IDC (probability 0)."""
+    prob = heatmap.prob
+    computed = np.isfinite(prob)
+    outside = ~heatmap.tissue_cells
+    return (labels >= 0) & (computed | outside), np.where(computed, prob, 0.0), outside & ~computed
+
+
 def agreement(heatmap: Heatmap, labels: np.ndarray, ambiguous: int = 0) -> Agreement | None:
     """Metrics of the map shown against cell labels, at the model's threshold for that map.
 
     Cells still to be computed are left out, so the figure can be shown while the heatmap fills.
     """
-    prob = heatmap.prob
-    computed = np.isfinite(prob)
-    outside = ~heatmap.tissue_cells
-    use = (labels >= 0) & (computed | outside)
+    use, prob, outside = _compared(heatmap, labels)
     if not use.any():
         return None
     y = labels[use].astype(np.int64)
-    p = np.where(computed, prob, 0.0)[use]
-    m = M.compute(y, p, threshold=heatmap.threshold)
-    return Agreement(m, int(use.sum()), int(y.sum()), int((use & outside & ~computed).sum()), ambiguous)
+    m = M.compute(y, prob[use], threshold=heatmap.threshold)
+    return Agreement(m, int(use.sum()), int(y.sum()), int((use & outside).sum()), ambiguous)
+
+
+def disagreements(heatmap: Heatmap, labels: np.ndarray) -> list[Annotation]:
+    """Where the map shown disagrees with the truth at the model's threshold, as regions to review.
+
+    :data:`FALSE_IDC`: cells called IDC that the truth labels non-IDC; :data:`MISSED_IDC`: cells
+    the truth labels IDC that are not called (outside the tissue mask included). The cells are
+    exactly those :func:`agreement` counts as false positives and false negatives, merged on the
+    cell grid, largest region first. Ids follow from the heatmap, the map shown and each region's
+    name, so the same heatmap and truth always give the same regions.
+    """
+    use, prob, _ = _compared(heatmap, labels)
+    called = prob >= heatmap.threshold
+    regions = (regions_from_cells(heatmap.grid, use & called & (labels == 0), FALSE_IDC, FALSE_IDC)
+               + regions_from_cells(heatmap.grid, use & ~called & (labels == 1), MISSED_IDC, MISSED_IDC))
+    key = f"idc-disagreement:{heatmap.info.key()}:{'context' if heatmap.context else 'per-patch'}"
+    return [replace(r, id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{key}:{r.name}"))) for r in regions]

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from inference.annotation_io import dumps_geojson
+from inference.annotations import AnnotationStore
+from inference.atomic import write_bytes
 from inference.domain import fit_domain, patch_stats
 from inference.heatmap import Heatmap
 from inference.model import (
@@ -39,7 +42,17 @@ from inference.slide_eval import (
     evaluate_heatmap,
     summary,
 )
-from inference.truth import Truth, TruthError, labels_path, load_truth
+from inference.truth import (
+    DISAGREEMENT_CLASSES,
+    FALSE_IDC,
+    MISSED_IDC,
+    Truth,
+    TruthError,
+    cell_truth,
+    disagreements,
+    labels_path,
+    load_truth,
+)
 from resources import shipped_model_path
 from training.augment import jpeg_batch
 from training.loop import evaluate_model
@@ -87,7 +100,8 @@ def _rebuilt(args: Any, model: LoadedModel, out_dir: Path) -> Iterator[tuple[str
 def _run_slides(items: Iterator[tuple[str, Path, Truth]], model: LoadedModel, args: Any,
                 keep: bool = False) -> tuple[list[SlideResult], list[Heatmap], list[Truth]]:
     device = pick_device(args.device)
-    results, heatmaps, truths = [], [], []
+    review = getattr(args, "disagreements", None)
+    results, heatmaps, truths, written = [], [], [], []
     bar = tqdm(desc="slides", unit="slide", file=sys.stderr, disable=getattr(args, "json", False))
     for name, path, truth in items:
         t = time.perf_counter()
@@ -100,13 +114,28 @@ def _run_slides(items: Iterator[tuple[str, Path, Truth]], model: LoadedModel, ar
         finally:
             bar.update(1)
         results.append(evaluate_heatmap(name, heatmap, truth, time.perf_counter() - t))
+        if review:
+            written.append(write_disagreements(Path(review), path, heatmap, truth))
         if keep:
             heatmaps.append(heatmap)
             truths.append(truth)
     bar.close()
     if not results:
         raise ValueError("No slide could be evaluated.")
+    if written:
+        print(f"idc-viewer {args.command}: wrote {len(written)} disagreement file{'s' if len(written) > 1 else ''} "
+              f"to {review} (regions '{FALSE_IDC}' and '{MISSED_IDC}'; import each with its slide to review them)",
+              file=sys.stderr)
     return results, heatmaps, truths
+
+
+def write_disagreements(out_dir: Path, slide_path: Path, heatmap: Heatmap, truth: Truth) -> Path:
+    """``<slide stem>.disagreements.geojson`` in ``out_dir``: the regions where the map shown
+    disagrees with the truth (QuPath GeoJSON, level-0 coordinates)."""
+    labels, _ = cell_truth(heatmap.grid, truth)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_bytes(out_dir / f"{slide_path.stem}.disagreements.geojson",
+                       dumps_geojson(disagreements(heatmap, labels), AnnotationStore(classes=DISAGREEMENT_CLASSES)))
 
 
 def _fmt(v: float | None) -> str:
@@ -148,14 +177,18 @@ def _slide_report(results: list[SlideResult], model: LoadedModel) -> dict[str, A
 
 
 def run_evaluate(args: Any) -> int:
-    model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
     paths = [Path(p) for p in args.data]
     folders = [p for p in paths if p.is_dir()]
     if folders and len(folders) != len(paths):
         raise ValueError("Give either patch folders or slide files, not both.")
+    if folders and args.disagreements and not args.as_slides:
+        raise ValueError("--disagreements needs slides: add --as-slides to rebuild the patients' slides.")
+    model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
     if not folders or args.as_slides:
         with tempfile.TemporaryDirectory(prefix="idc-eval-") as tmp:
-            items = _rebuilt(args, model, Path(args.keep_slides or tmp)) if folders else _slides_with_truth(args)
+            # Disagreements are reviewed on their slides: rebuilt slides are kept beside them.
+            keep = args.keep_slides or args.disagreements
+            items = _rebuilt(args, model, Path(keep or tmp)) if folders else _slides_with_truth(args)
             results, _, _ = _run_slides(items, model, args)
         if args.json:
             print(json.dumps(_slide_report(results, model)))

@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground truth of each slide, in order (repeatable)")
     e.add_argument("--as-slides", action="store_true", help="rebuild each patient's slide and evaluate it")
     e.add_argument("--keep-slides", default=None, metavar="DIR", help="with --as-slides: keep the rebuilt slides here")
+    e.add_argument("--disagreements", default=None, metavar="DIR",
+                   help="write each slide's <stem>.disagreements.geojson here: the cells the model calls IDC "
+                   "against the truth ('False IDC') and the IDC it misses ('Missed IDC'), as regions to review "
+                   "in the viewer or QuPath (with --as-slides the rebuilt slides are kept here too, unless "
+                   "--keep-slides names another folder)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     c = sub.add_parser("calibrate", help="choose threshold and tissue context on rebuilt validation slides",

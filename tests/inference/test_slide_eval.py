@@ -9,13 +9,24 @@ import numpy as np
 import pytest
 import shapely
 
-from inference.annotation_io import dumps_asap, dumps_geojson
+from inference.annotation_io import dumps_asap, dumps_geojson, parse_geojson
 from inference.annotations import Annotation
 from inference.context import context_prob
 from inference.heatmap import Heatmap, HeatmapInfo, cache_path
 from inference.patches import PatchGrid
 from inference.slide_eval import calibrate, evaluate_heatmap, summary
-from inference.truth import TruthError, away_from_borders, cell_truth, labels_path, load_truth
+from inference.truth import (
+    DISAGREEMENT_CLASSES,
+    FALSE_IDC,
+    MISSED_IDC,
+    TruthError,
+    agreement,
+    away_from_borders,
+    cell_truth,
+    disagreements,
+    labels_path,
+    load_truth,
+)
 from tests.conftest import DEMO
 from viewer.cli import main
 
@@ -100,6 +111,38 @@ def test_evaluate_heatmap_gives_exact_cell_counts() -> None:
     # IDC 0.9 0.8 0.3 -> TP 2, FN 1; non-IDC: only (3, 3) at 0.9 -> FP 1, TN 7.
     assert (inner.metrics.tp, inner.metrics.fn, inner.metrics.fp, inner.metrics.tn) == (2, 1, 1, 7)
     assert summary([res], "away_from_borders")["cells"] == 11
+
+
+def _cells(regions: list[Annotation], cls: str) -> set[tuple[int, int]]:
+    """The 50 px cells (row, col) that the regions of class ``cls`` cover, read back from their geometry."""
+    union = shapely.union_all([r.geometry for r in regions if r.cls == cls])
+    return {(r, c) for r in range(8) for c in range(8) if union.contains(shapely.Point(c * 50 + 25, r * 50 + 25))}
+
+
+def test_disagreements_are_the_false_and_missed_cells_of_the_agreement() -> None:
+    # The 4 x 6 slide above at threshold 0.5, IDC on rows 0-1, columns 0-2, non-IDC on rows 2-3:
+    # FP (2, 0) at 0.6 and (3, 3) at 0.9, FN (0, 2) at 0.3; (3, 2) is outside the tissue and non-IDC: TN.
+    prob = np.array([[0.9, 0.8, 0.3, 0.1, 0.2, 0.9],
+                     [0.7, 0.6, 0.9, 0.1, 0.1, 0.9],
+                     [0.6, 0.1, 0.2, 0.3, 0.1, 0.1],
+                     [0.1, 0.1, np.nan, 0.9, 0.2, 0.1]], np.float32)
+    labels = np.full(prob.shape, -1, np.int8)
+    labels[:2, :3] = 1
+    labels[2:, :] = 0
+    hm = make_heatmap(prob)
+    regions = disagreements(hm, labels)
+    assert {r.cls for r in regions} == {FALSE_IDC, MISSED_IDC} and all(r.source == "model" for r in regions)
+    assert _cells(regions, FALSE_IDC) == {(2, 0), (3, 3)} and _cells(regions, MISSED_IDC) == {(0, 2)}
+    assert [r.name for r in regions] == ["False IDC 1", "False IDC 2", "Missed IDC 1"]
+    m = agreement(hm, labels).metrics
+    assert (m.fp, m.fn) == (2, 1)
+    assert [r.id for r in disagreements(hm, labels)] == [r.id for r in regions]  # the same file every time
+    # Neighbouring cells merge into one region; IDC outside the tissue mask is missed (shown as no IDC).
+    prob = np.array([[np.nan, 0.2, 0.1, 0.9]], np.float32)
+    labels = np.array([[1, 1, 1, 1]], np.int8)
+    regions = disagreements(make_heatmap(prob), labels)
+    assert len(regions) == 1 and regions[0].geometry.equals(shapely.box(0, 0, 150, 50))
+    assert disagreements(make_heatmap(prob), np.full((1, 4), -1, np.int8)) == []
 
 
 def test_away_from_borders_leaves_out_cells_touching_the_other_class() -> None:
@@ -245,9 +288,20 @@ def test_evaluate_cli_on_a_slide_with_truth(tmp_path: Path, slide_mpp, capsys) -
     truth = tmp_path / "t.geojson"
     truth.write_bytes(dumps_geojson([Annotation(shapely.box(0, 0, 800, 400), "IDC"),
                                      Annotation(shapely.box(0, 400, 1200, 800), "Non-IDC")]))
-    rc = main(["evaluate", str(path), "--truth", str(truth), "--json", "--device", "cpu"])
+    review = tmp_path / "review"
+    rc = main(["evaluate", str(path), "--truth", str(truth), "--json", "--device", "cpu", "--disagreements", str(review)])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     s = out["slides"][0]["per_patch"]
     assert (s["cells"], s["idc_cells"]) == (5, 2)  # cells (0,0),(0,1) IDC; (1,0..2) non-IDC
     assert out["mean"]["slides"] == 1
+    # The disagreement regions cover exactly the false and missed cells of the map shown.
+    shown = out["slides"][0]["context"] or s
+    wrong = {FALSE_IDC: round((1 - shown["specificity"]) * 3), MISSED_IDC: round((1 - shown["sensitivity"]) * 2)}
+    result = parse_geojson((review / "with_mpp.disagreements.geojson").read_bytes())
+    colours = {c.name: c.color for c in DISAGREEMENT_CLASSES}
+    assert result.annotations and all(colours[c.name] == c.color for c in result.classes)
+    for cls, n in wrong.items():
+        assert sum(a.geometry.area for a in result.annotations if a.cls == cls) == n * 400 * 400
+    assert "wrote 1 disagreement file to" in captured.err

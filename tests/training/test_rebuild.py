@@ -49,14 +49,21 @@ def test_jpeg_rebuild_keeps_every_patch_in_its_cell(tmp_path: Path) -> None:
 def test_evaluate_as_slides_and_patch_robustness_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = need_patches()
     args = ["evaluate", str(root), "--patient", PATIENTS[0], "--patient", PATIENTS[1], "--device", "cpu", "--json"]
-    assert main([*args, "--as-slides", "--jpeg-quality", "75"]) == 0
+    review = tmp_path / "review"
+    assert main([*args, "--as-slides", "--jpeg-quality", "75", "--disagreements", str(review)]) == 0
     slides = json.loads(capsys.readouterr().out)
+    # Each rebuilt slide is kept beside its disagreements, to be reviewed together.
+    assert sorted(f.name for f in review.iterdir()) == sorted(
+        name for p in PATIENTS for name in (f"patient_{p}.tif", f"patient_{p}.disagreements.geojson"))
     assert [s["slide"] for s in slides["slides"]] == [f"patient {p}" for p in PATIENTS]
     assert [s["per_patch"]["cells"] for s in slides["slides"]] == [28, 27]
     assert slides["mean"]["slides_with_both_classes"] == 2
     for s in slides["slides"]:  # cells touching the other class are left out of the inner figure
         assert s["away_from_borders"]["cells"] <= s["context"]["cells"]
     assert slides["mean_away_from_borders"]["cells"] == sum(s["away_from_borders"]["cells"] for s in slides["slides"])
+    assert main([*args, "--disagreements", str(review)]) == 2  # patches alone have no slide to review
+    assert capsys.readouterr().err.strip() == (
+        "idc-viewer evaluate: error: --disagreements needs slides: add --as-slides to rebuild the patients' slides.")
     assert main(args) == 0
     png = json.loads(capsys.readouterr().out)
     assert main([*args, "--jpeg-quality", "75"]) == 0
