@@ -27,11 +27,13 @@ from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Finished, Planned, cached_heatmap, infer
 from inference.truth import (
+    DISAGREEMENT_CLASSES,
     Truth,
     TruthError,
     agreement,
     away_from_borders,
     cell_truth,
+    disagreements,
     labels_path,
     load_truth,
 )
@@ -86,6 +88,7 @@ class InferencePanel(QWidget):
         self.heatmap: Heatmap | None = None
         self.layer: HeatmapLayer | None = None
         self.truth: OutlineLayer | None = None
+        self.disagreement_layers: list[OutlineLayer] = []  # false IDC, missed IDC
         self.ground_truth: Truth | None = None
         # the heatmap they were found for, the cell labels, ambiguous cells, labels away from borders
         self._cell_labels: tuple[HeatmapInfo, np.ndarray, int, np.ndarray] | None = None
@@ -165,6 +168,11 @@ class InferencePanel(QWidget):
         self.truth_box = QCheckBox("Show ground truth outline (IDC)")
         self.truth_box.toggled.connect(self._on_truth_toggled)
         form.addRow(self.truth_box)
+        self.disagree_box = QCheckBox("Show disagreements (orange: called IDC, purple: IDC missed)")
+        self.disagree_box.setToolTip("Orange: cells the map shown calls IDC that the truth labels non-IDC. Purple: "
+                                     "IDC the map misses. At the model's threshold, as the agreement counts them.")
+        self.disagree_box.toggled.connect(self._update_disagreements)
+        form.addRow(self.disagree_box)
         layout.addLayout(form)
         self.agreement_label = QLabel("")
         self.agreement_label.setWordWrap(True)
@@ -183,6 +191,7 @@ class InferencePanel(QWidget):
                                    and not (self.heatmap is not None and self.heatmap.complete))
         self.cancel_button.setEnabled(running)
         self.truth_box.setEnabled(self.ground_truth is not None)
+        self.disagree_box.setEnabled(self.ground_truth is not None and self.heatmap is not None)
         self.context_box.setEnabled(self.heatmap is not None and self.heatmap.has_context)
         if self.model is None:
             self.model_label.setText("No model loaded: the IDC heatmap is unavailable.")
@@ -357,6 +366,7 @@ class InferencePanel(QWidget):
         if self.heatmap is not None:
             self.session.set_heatmap(None)
         self.layer, self.heatmap = None, None
+        self._update_disagreements()
 
     def _remove_layers(self) -> None:
         self._remove_heatmap()
@@ -432,12 +442,31 @@ class InferencePanel(QWidget):
         if a is not None and 0 < a.idc_cells < a.cells:
             m = a.metrics
             text = (f"Agreement with the ground truth ({a.cells} labelled cells): AUC {m.auc:.3f}, "
-                    f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} at threshold {m.threshold:.2f}.")
+                    f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} at threshold {m.threshold:.2f}; "
+                    f"{m.fp:.0f} cells called IDC against the truth, {m.fn:.0f} IDC cells missed.")
             inner = agreement(self.heatmap, inner_labels, ambiguous)
             if inner is not None and 0 < inner.idc_cells < inner.cells and inner.cells < a.cells:
                 text += (f" Away from region borders ({inner.cells} cells): AUC {inner.metrics.auc:.3f}, "
                          f"balanced accuracy {inner.metrics.balanced_accuracy:.3f}.")
             self.agreement_label.setText(text)
+        self._update_disagreements()
+
+    def _update_disagreements(self, *_: object) -> None:
+        """Outline the cells where the map shown disagrees with the ground truth (when asked)."""
+        for layer in self.disagreement_layers:
+            self.view.scene().removeItem(layer)
+        self.disagreement_layers = []
+        labelled = self._cell_labels
+        if (not self.disagree_box.isChecked() or self.heatmap is None or labelled is None
+                or labelled[0] != self.heatmap.info):
+            return
+        regions = disagreements(self.heatmap, labelled[1])
+        for cls in DISAGREEMENT_CLASSES:
+            geoms = [r.geometry for r in regions if r.cls == cls.name]
+            if geoms:
+                layer = OutlineLayer(geoms, QColor(*cls.color))
+                self.view.scene().addItem(layer)
+                self.disagreement_layers.append(layer)
 
     def probability_at(self, x_l0: float, y_l0: float) -> float | None:
         """IDC probability of the cell under a level-0 point, if computed."""

@@ -5,13 +5,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shapely
 
 from inference.model import load_checkpoint
 from inference.predict import BatchResult, PredictSettings
-from inference.truth import away_from_borders, cell_truth
+from inference.truth import (
+    DISAGREEMENT_CLASSES,
+    agreement,
+    away_from_borders,
+    cell_truth,
+    disagreements,
+)
 from resources import shipped_model_path
 from tests.conftest import CMU_SVS, DEMO
 from tests.viewer.conftest import show_window
+from viewer.layers import geometry_path
 from viewer.main_window import MainWindow
 
 
@@ -106,6 +114,30 @@ def test_ground_truth_outline_and_agreement(qtbot, window: MainWindow) -> None:
     labels, _ = cell_truth(window.inference.heatmap.grid, window.inference.ground_truth)
     inner = int((away_from_borders(labels) >= 0).sum())
     assert f"Away from region borders ({inner} cells): AUC " in text and inner < (labels >= 0).sum()
+    # Disagreements: the cells the agreement counts as false and missed IDC, outlined on the slide.
+    panel, hm = window.inference, window.inference.heatmap
+    m = agreement(hm, labels).metrics
+    assert f"; {m.fp:.0f} cells called IDC against the truth, {m.fn:.0f} IDC cells missed." in text
+    assert panel.disagree_box.isEnabled() and not panel.disagreement_layers
+    panel.disagree_box.setChecked(True)
+
+    def outlines() -> list[shapely.Geometry]:
+        """Each class's disagreement cells, merged, as the panel must outline them."""
+        regions = disagreements(hm, labels)
+        return [shapely.union_all([r.geometry for r in regions if r.cls == c.name]) for c in DISAGREEMENT_CLASSES]
+
+    def shown() -> list[shapely.Geometry]:
+        assert all(layer.scene() is window.view.scene() for layer in panel.disagreement_layers)
+        return [layer.path() for layer in panel.disagreement_layers]
+
+    context_outlines = outlines()
+    assert shown() == [geometry_path(g) for g in context_outlines]  # the demo has both kinds
+    panel.context_box.setChecked(False)  # the per-patch map disagrees elsewhere: the outlines follow it
+    raw_outlines = outlines()
+    assert not all(a.equals(b) for a, b in zip(context_outlines, raw_outlines, strict=True))
+    assert shown() == [geometry_path(g) for g in raw_outlines]
+    panel.disagree_box.setChecked(False)
+    assert not panel.disagreement_layers
 
 
 def test_context_map_is_shown_by_default_and_raw_on_toggle(qtbot, window: MainWindow, model) -> None:
