@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from shapely.geometry.base import BaseGeometry
 from inference import metrics as M
 from inference.annotation_io import read_file
 from inference.annotations import Annotation, AnnotationClass, AnnotationError, regions_from_cells
+from inference.atomic import atomic_path
 from inference.errors import UserError
 from inference.geometry import Rect
 from inference.heatmap import Heatmap
@@ -83,6 +85,17 @@ def load_labels(path: Path) -> list[PatchLabel]:
         raise TruthError(f"{path.name} cannot be read.") from exc
     except (KeyError, ValueError, TypeError, csv.Error) as exc:
         raise TruthError(f"{path.name} is not a labels file (columns x_l0, y_l0, w_l0, h_l0, label).") from exc
+
+
+def write_labels(path: Path, labels: Iterable[PatchLabel]) -> Path:
+    """Write x_l0,y_l0,w_l0,h_l0,label rows (top to bottom, left to right), atomically."""
+    rows = sorted(((lab.rect.x, lab.rect.y, lab.rect.w, lab.rect.h, lab.label) for lab in labels),
+                  key=lambda r: (r[1], r[0]))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["x_l0", "y_l0", "w_l0", "h_l0", "label"])
+        w.writerows(rows)
+    return Path(path)
 
 
 def truth_from_labels(labels: list[PatchLabel], source: str = "labels") -> Truth:

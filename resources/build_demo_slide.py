@@ -10,7 +10,6 @@ Usage: python -m resources.build_demo_slide [PATCH_ROOT]   (default ../shared/da
 
 from __future__ import annotations
 
-import csv
 import re
 import sys
 from pathlib import Path
@@ -18,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from inference.atomic import atomic_path
+from inference.geometry import Rect
 from inference.tiff_writer import write_pyramid_from_array
+from inference.truth import PatchLabel, write_labels
 
 PATIENT = "8975"
 MPP = 4.0  # 40x scan (~0.25 um/px) downsampled 16:1
@@ -46,13 +46,10 @@ def build(patch_root: Path) -> None:
         patch = np.asarray(Image.open(f).convert("RGB"))
         ph, pw = patch.shape[:2]
         canvas[y : y + ph, x : x + pw] = patch
-        out_rows.append((x, y, pw, ph, label))
+        out_rows.append(PatchLabel(Rect(x, y, pw, ph), label))
     write_pyramid_from_array(SLIDE, canvas, MPP, downsamples=(1, 4, 16), quality=90,
                              description=f"IDC demo slide, patient {PATIENT}, rebuilt from 50x50 patches")
-    with atomic_path(LABELS) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["x_l0", "y_l0", "w_l0", "h_l0", "label"])
-        w.writerows(sorted(out_rows, key=lambda r: (r[1], r[0])))
+    write_labels(LABELS, out_rows)
     print(f"wrote {SLIDE.name} ({width} x {height} px at {MPP} um/px) and {len(out_rows)} labels")
 
 

@@ -3,7 +3,9 @@
 Each patient's patches placed at their recorded positions (training.data.mosaic) give back the
 part of the slide the data set kept, with white where it kept nothing. Written as a pyramidal
 TIFF with JPEG (YCbCr 4:2:0) tiles at every level, it is what the viewer and `predict` meet on a
-real slide; the patch labels become its ground truth (one labelled level-0 rectangle per patch).
+real slide; the patch labels become its ground truth (one labelled level-0 rectangle per patch),
+written beside it as ``<stem>.labels.csv`` so that the viewer shows the truth, the agreement and
+the disagreements when the slide is opened.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from inference.geometry import Rect
 from inference.tiff_writer import write_pyramid_from_array
-from inference.truth import PatchLabel, Truth, truth_from_labels
+from inference.truth import PatchLabel, Truth, labels_path, truth_from_labels, write_labels
 from training.data import mosaic, patches_by_patient
 
 #: Resolution of the IDC patches (40x scans downsampled 16:1).
@@ -32,7 +34,7 @@ class RebuiltSlide:
 def rebuild_slides(root: str | Path, out_dir: str | Path, quality: int | None = 80,
                    patients: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> Iterator[RebuiltSlide]:
     """Write one pyramidal TIFF per patient into ``out_dir`` (JPEG at ``quality``, or lossless
-    when None) and yield it with its truth, patient by patient."""
+    when None) with its labels beside it, and yield it with its truth, patient by patient."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for patient, items in patches_by_patient(Path(root), patients, exclude).items():
@@ -43,4 +45,5 @@ def rebuild_slides(root: str | Path, out_dir: str | Path, quality: int | None = 
         write_pyramid_from_array(path, canvas, DATA_MPP, downsamples=(1, 4, 16),
                                  description=f"patient {patient} rebuilt from {len(items)} IDC patches",
                                  **kwargs)  # type: ignore[arg-type]
+        write_labels(labels_path(path), labels)
         yield RebuiltSlide(patient, path, truth_from_labels(labels, f"patches of patient {patient}"), len(items))

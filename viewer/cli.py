@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--truth", action="append", default=None, metavar="FILE",
                    help="ground truth of each slide, in order (repeatable)")
     e.add_argument("--as-slides", action="store_true", help="rebuild each patient's slide and evaluate it")
-    e.add_argument("--keep-slides", default=None, metavar="DIR", help="with --as-slides: keep the rebuilt slides here")
+    e.add_argument("--keep-slides", default=None, metavar="DIR",
+                   help="with --as-slides: keep the rebuilt slides here, each with its <stem>.labels.csv "
+                   "(the viewer then shows their truth and agreement)")
     e.add_argument("--disagreements", default=None, metavar="DIR",
                    help="write each slide's <stem>.disagreements.geojson here: the cells the model calls IDC "
                    "against the truth ('False IDC') and the IDC it misses ('Missed IDC'), as regions to review "

@@ -13,7 +13,7 @@ from inference.geometry import Rect
 from inference.model import load_checkpoint
 from inference.patches import PatchGrid
 from inference.slide import open_slide
-from inference.truth import cell_truth
+from inference.truth import cell_truth, labels_path, load_truth
 from resources import shipped_model_path
 from tests.conftest import need_patches
 from tests.training.conftest import link_patients
@@ -31,6 +31,8 @@ def test_jpeg_rebuild_keeps_every_patch_in_its_cell(tmp_path: Path) -> None:
     assert rs.patches == len(items) == 28
     grid = PatchGrid.build((10**6, 10**6), DATA_MPP, DATA_MPP, 50)
     labels, _ = cell_truth(grid, rs.truth)
+    # The labels beside the slide, which the viewer reads, are the same truth.
+    assert np.array_equal(cell_truth(grid, load_truth(labels_path(rs.path)))[0], labels)
     with open_slide(rs.path) as slide:
         assert slide.mpp == DATA_MPP and len(slide.info.level_dimensions) == 3
         originals = []
@@ -52,9 +54,10 @@ def test_evaluate_as_slides_and_patch_robustness_cli(tmp_path: Path, capsys: pyt
     review = tmp_path / "review"
     assert main([*args, "--as-slides", "--jpeg-quality", "75", "--disagreements", str(review)]) == 0
     slides = json.loads(capsys.readouterr().out)
-    # Each rebuilt slide is kept beside its disagreements, to be reviewed together.
+    # Each rebuilt slide is kept beside its labels and its disagreements, to be reviewed together.
     assert sorted(f.name for f in review.iterdir()) == sorted(
-        name for p in PATIENTS for name in (f"patient_{p}.tif", f"patient_{p}.disagreements.geojson"))
+        name for p in PATIENTS
+        for name in (f"patient_{p}.tif", f"patient_{p}.labels.csv", f"patient_{p}.disagreements.geojson"))
     assert [s["slide"] for s in slides["slides"]] == [f"patient {p}" for p in PATIENTS]
     assert [s["per_patch"]["cells"] for s in slides["slides"]] == [28, 27]
     assert slides["mean"]["slides_with_both_classes"] == 2
