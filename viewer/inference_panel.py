@@ -431,13 +431,20 @@ class InferencePanel(QWidget):
         if texts:
             self.status_message.emit(texts[0])
 
-    def _update_agreement(self) -> None:
+    def _truth_labels(self) -> tuple[HeatmapInfo, np.ndarray, int, np.ndarray] | None:
+        """The shown heatmap's cell labels from the ground truth (found once per heatmap)."""
         if self.heatmap is None or self.ground_truth is None:
-            return
+            return None
         if self._cell_labels is None or self._cell_labels[0] != self.heatmap.info:
             labels, ambiguous = cell_truth(self.heatmap.grid, self.ground_truth)
             self._cell_labels = (self.heatmap.info, labels, ambiguous, away_from_borders(labels))
-        _, labels, ambiguous, inner_labels = self._cell_labels
+        return self._cell_labels
+
+    def _update_agreement(self) -> None:
+        labelled = self._truth_labels()
+        if labelled is None:
+            return
+        _, labels, ambiguous, inner_labels = labelled
         a = agreement(self.heatmap, labels, ambiguous)
         if a is not None and 0 < a.idc_cells < a.cells:
             m = a.metrics
@@ -456,9 +463,8 @@ class InferencePanel(QWidget):
         for layer in self.disagreement_layers:
             self.view.scene().removeItem(layer)
         self.disagreement_layers = []
-        labelled = self._cell_labels
-        if (not self.disagree_box.isChecked() or self.heatmap is None or labelled is None
-                or labelled[0] != self.heatmap.info):
+        labelled = self._truth_labels() if self.disagree_box.isChecked() else None
+        if labelled is None:
             return
         regions = disagreements(self.heatmap, labelled[1])
         for cls in DISAGREEMENT_CLASSES:
