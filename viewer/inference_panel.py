@@ -170,7 +170,9 @@ class InferencePanel(QWidget):
         form.addRow(self.truth_box)
         self.disagree_box = QCheckBox("Show disagreements (orange: called IDC, purple: IDC missed)")
         self.disagree_box.setToolTip("Orange: cells the map shown calls IDC that the truth labels non-IDC. Purple: "
-                                     "IDC the map misses. At the model's threshold, as the agreement counts them.")
+                                     "IDC the map misses. At the model's threshold, as the agreement counts them. "
+                                     "While the heatmap fills they cover the cells computed so far, and they are "
+                                     "drawn again when it is complete.")
         self.disagree_box.toggled.connect(self._update_disagreements)
         form.addRow(self.disagree_box)
         layout.addLayout(form)
