@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,10 +132,12 @@ class ModelMeta:
             raise ModelError("An ensemble needs two or more single networks.")
         if any(not m.weight > 0 for m in self.members):
             raise ModelError("Every network of an ensemble needs a weight above 0.")
-        if any((m.meta.patch_size, m.meta.mpp) != (self.patch_size, self.mpp) for m in self.members):
-            raise ModelError("The networks of an ensemble must score the same patches: the same patch size "
-                             "at the same resolution.")
-        if self.margin != max(m.meta.margin for m in self.members) or (self.mean, self.std) != IDENTITY:
+        factors = [view_factor(self, m.meta) for m in self.members]
+        if None in factors or self.mpp != min(m.meta.mpp for m in self.members):
+            raise ModelError("The networks of an ensemble must score the same patches, each at the finest "
+                             "network's resolution or a whole multiple of it.")
+        if self.margin != max(m.meta.margin * k for m, k in zip(self.members, factors, strict=True)) \
+                or (self.mean, self.std) != IDENTITY:
             raise ModelError("An ensemble's input must be its widest network's view, unscaled.")
 
     @property
@@ -241,22 +244,23 @@ class WideResNet(nn.Module):
 class Ensemble(nn.Module):
     """Networks whose weighted logits are one logit (ModelMeta.members).
 
-    The input is the widest member's view, in [0, 1]; each member crops its own view out of the
-    middle and scales it with its own mean and std, so every member sees exactly what it was
-    trained on.
+    The input is the widest member's view at the finest member's resolution, in [0, 1]; each
+    member takes its own view out of the middle (sub_view: cropped, and averaged down to its
+    resolution where that is coarser) and scales it with its own mean and std, so every member
+    sees exactly what it was trained on.
     """
 
     def __init__(self, meta: ModelMeta) -> None:
         super().__init__()
         self.members = nn.ModuleList(build(m.meta.arch) for m in meta.members)
         self.weights = meta.shares
-        self.crops = [meta.margin - m.meta.margin for m in meta.members]
-        self.scales = [(m.meta.mean, m.meta.std) for m in meta.members]
+        self.outer = meta
+        self.views = [m.meta for m in meta.members]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor | None = None
-        for net, weight, crop, (mean, std) in zip(self.members, self.weights, self.crops, self.scales, strict=True):
-            logit = weight * net(_scale(inner_view(x, crop), mean, std))
+        for net, weight, view in zip(self.members, self.weights, self.views, strict=True):
+            logit = weight * net(_scale(sub_view(x, self.outer, view), view.mean, view.std))
             out = logit if out is None else out + logit
         assert out is not None
         return out
@@ -274,12 +278,19 @@ def ensemble(models: list[LoadedModel], weights: list[float]) -> tuple[Ensemble,
         raise ModelError("These networks were validated on different patients; train them with the same "
                          "--split-from before joining them.")
     first = models[0].meta
+    finest = min((m.meta for m in models), key=lambda meta: meta.mpp)
     members = tuple(Member(float(w), m.meta) for m, w in zip(models, weights, strict=True))
+    factors = [view_factor(finest, m.meta, any_margin=True) for m in models]
+    if None in factors:
+        raise ModelError("These networks score different patches: each must score the finest network's "
+                         f"patches ({finest.patch_size} px at {finest.mpp:g} \u00b5m/px) at that resolution "
+                         "or a whole multiple of it.")
     provenance = {k: first.provenance[k] for k in ("sources", "split", "split_from", "val_patients", "test_patients")
                   if k in first.provenance}
     provenance["members"] = [m.model_id for m in models]
-    meta = ModelMeta(arch=Architecture(family=ENSEMBLE), patch_size=first.patch_size, mpp=first.mpp,
-                     margin=max(m.meta.margin for m in models), mean=IDENTITY[0], std=IDENTITY[1],
+    meta = ModelMeta(arch=Architecture(family=ENSEMBLE), patch_size=finest.patch_size, mpp=finest.mpp,
+                     margin=max(m.meta.margin * k for m, k in zip(models, factors, strict=True)),  # type: ignore[operator]
+                     mean=IDENTITY[0], std=IDENTITY[1],
                      classes=first.classes, members=members, provenance=provenance)
     net = Ensemble(meta)
     for slot, m in zip(net.members, models, strict=True):
@@ -316,9 +327,29 @@ def normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     return x if (meta.mean, meta.std) == IDENTITY else _scale(x, meta.mean, meta.std)
 
 
-def inner_view(x: torch.Tensor, crop: int) -> torch.Tensor:
-    """The middle of a batch (n, c, h, w) of wider views: ``crop`` px less on every side."""
-    return x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop] if crop else x
+def view_factor(outer: ModelMeta, inner: ModelMeta, any_margin: bool = False) -> int | None:
+    """How many of ``outer``'s pixels make one of ``inner``'s on a side, where ``inner`` scores the
+    same patches at ``outer``'s resolution or a whole multiple of it and (unless ``any_margin``)
+    sees no more around them; None where it does not."""
+    k = round(inner.mpp / outer.mpp)
+    if k < 1 or not math.isclose(inner.mpp, k * outer.mpp, rel_tol=1e-6) or inner.patch_size * k != outer.patch_size:
+        return None
+    return k if any_margin or inner.margin * k <= outer.margin else None
+
+
+def sub_view(x: torch.Tensor, outer: ModelMeta, inner: ModelMeta) -> torch.Tensor:
+    """``inner``'s view of a batch (n, c, h, w) of ``outer``'s views: the middle, cropped to
+    ``inner``'s margin, then averaged k x k where ``inner`` works at k times ``outer``'s um/px (the
+    mean of each k x k block, what a slide read at the coarser resolution holds)."""
+    k = view_factor(outer, inner)
+    if k is None:
+        raise ModelError(f"A network working at {inner.mpp:g} \u00b5m/px on {inner.patch_size} px patches "
+                         f"cannot be shown a view at {outer.mpp:g} \u00b5m/px with {outer.margin} px around "
+                         f"{outer.patch_size} px patches.")
+    crop = outer.margin - inner.margin * k
+    if crop:
+        x = x[:, :, crop : x.shape[2] - crop, crop : x.shape[3] - crop]
+    return torch.nn.functional.avg_pool2d(x, k) if k > 1 else x
 
 
 def _scale(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -28,12 +28,13 @@ from inference.model import (
     ModelError,
     ModelMeta,
     build,
-    inner_view,
     load_checkpoint,
     normalise,
     pick_device,
     save_checkpoint,
+    sub_view,
     to_float,
+    view_factor,
 )
 from training.augment import AcquisitionConfig, augment_batch, jpeg_batch
 from training.data import PatchSet, evaluation_weights, group_weights
@@ -317,15 +318,14 @@ def _teacher(config: TrainConfig, meta: ModelMeta, device: torch.device) -> Call
         raise ValueError(f"The teacher's share of the targets must be in (0, 1], not {config.distill}.")
     model = load_checkpoint(config.teacher, device)
     t_meta = model.meta
-    if (t_meta.patch_size, t_meta.mpp) != (meta.patch_size, meta.mpp) or t_meta.margin > meta.margin:
-        raise ModelError("The teacher must score the same patches at the same resolution and see no more "
-                         "around each patch than the student.")
-    crop = meta.margin - t_meta.margin
+    if view_factor(meta, t_meta) is None:
+        raise ModelError("The teacher must score the same patches, at the student's resolution or a whole "
+                         "multiple of it, and see no more around each patch than the student.")
     net = model.net.eval()
 
     def probs(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.sigmoid(net(normalise(inner_view(x, crop), t_meta)).float())
+            return torch.sigmoid(net(normalise(sub_view(x, meta, t_meta), t_meta)).float())
 
     return probs
 

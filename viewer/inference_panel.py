@@ -490,7 +490,8 @@ class InferencePanel(QWidget):
 def _field_of_view(meta: ModelMeta) -> str:
     """What the network, or each network of an ensemble, sees around a patch."""
     def around(m: ModelMeta) -> str:
-        return f"with {m.margin * m.mpp:.0f} \u00b5m around it" if m.margin else "alone"
+        view = f"with {m.margin * m.mpp:.0f} \u00b5m around it" if m.margin else "alone"
+        return view if m.mpp == meta.mpp else f"at {m.mpp:g} \u00b5m/px {view}"
 
     if meta.members:
         # Networks with the same architecture and view are named once ("2 EfficientNet-Lite0 see ...").
@@ -506,5 +507,5 @@ def _field_of_view(meta: ModelMeta) -> str:
             else:
                 weight = shown[0] + (" each" if len(shown) > 1 else "")
             parts.append(f"{who} the patch {view} (weight {weight})")
-        return "; " + " and ".join(parts)
+        return "; " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
     return f", each seen {around(meta)}" if meta.margin else ""

@@ -1,5 +1,6 @@
-"""Ensembles (inference.model.Ensemble): each network sees its own view of the patch, the model's
-logit is their weighted logit, on patches and on a slide, and an ensemble fine-tunes as one model."""
+"""Ensembles (inference.model.Ensemble): each network sees its own view of the patch, at its own
+resolution, the model's logit is their weighted logit, on patches and on a slide, and an ensemble
+fine-tunes as one model."""
 
 from __future__ import annotations
 
@@ -78,6 +79,36 @@ def test_an_ensembles_heatmap_scores_every_cell_where_it_is(tmp_path: Path, pair
     assert_scores_every_cell_where_it_is(root, e, _expected(a, b, load_folder(root, margin=M).images), tmp_path)
 
 
+def _averaged(images: np.ndarray, crop: int, k: int) -> np.ndarray:
+    """The views in [0, 1], ``crop`` px less on every side, each k x k block averaged (numpy)."""
+    x = images[:, crop : images.shape[1] - crop, crop : images.shape[2] - crop].astype(np.float64) / 255
+    n, h, w, c = x.shape
+    return x.reshape(n, h // k, k, w // k, k, c).mean(axis=(2, 4))
+
+
+def test_a_coarser_network_sees_the_same_patch_averaged_down(tmp_path: Path, pair, layout) -> None:
+    """A network working at 8 um/px on 25 px patches with 12 px (96 um) around them joins one at
+    4 um/px: the ensemble reads the slide at 4 um/px and the coarse network sees each 2 x 2 block
+    of its view averaged, which is the same patch with the same tissue around it."""
+    a, b, _ = pair
+    coarse = _member(tmp_path, "coarse", 12, 5, 0.45, mpp=8.0, patch_size=25)
+    net, meta = ensemble([coarse, a, b], [1.0, 1.0, 2.0])
+    save_checkpoint(tmp_path / "mixed.pt", net, meta)
+    e = load_checkpoint(tmp_path / "mixed.pt")
+    # The finest network's patches and resolution; the widest view: b's 25 px, the coarse 24.
+    assert (e.meta.mpp, e.meta.patch_size, e.meta.margin) == (4.0, 50, M)
+    root, _ = layout
+    wide = load_folder(root, margin=M).images
+    x = (_averaged(wide, 1, 2) - np.array(coarse.meta.mean)) / np.array(coarse.meta.std)
+    with torch.no_grad():
+        lc = coarse.net(torch.from_numpy(x.transpose(0, 3, 1, 2)).float()).numpy()
+    la = logit(predict_patches(a.net, a.meta, wide[:, M:-M, M:-M], CPU))
+    lb = logit(predict_patches(b.net, b.meta, wide, CPU))
+    expected = 1 / (1 + np.exp(-(0.25 * lc + 0.25 * la + 0.5 * lb)))
+    np.testing.assert_allclose(predict_patches(e.net, e.meta, wide, CPU), expected, atol=1e-5)
+    assert_scores_every_cell_where_it_is(root, e, expected, tmp_path)
+
+
 def test_networks_that_cannot_be_joined_get_one_sentence(tmp_path: Path, pair) -> None:
     a, b, e = pair
     cases = [
@@ -85,8 +116,11 @@ def test_networks_that_cannot_be_joined_get_one_sentence(tmp_path: Path, pair) -
         ([a, e], [1.0, 1.0], "two or more single networks"),
         ([a, b], [1.0], "one weight per network"),
         ([a, b], [1.0, 0.0], "weight above 0"),
-        ([a, _member(tmp_path, "c", 0, 3, 0.5, patch_size=48)], [1.0, 1.0], "same patch size"),
-        ([a, _member(tmp_path, "d", 0, 3, 0.5, mpp=2.0)], [1.0, 1.0], "same patch size"),
+        ([a, _member(tmp_path, "c", 0, 3, 0.5, patch_size=48)], [1.0, 1.0], "score different patches"),
+        ([a, _member(tmp_path, "d", 0, 3, 0.5, mpp=2.0)], [1.0, 1.0], "score different patches"),
+        # 6 um/px is no whole multiple of 4, and 25 px at 12 um/px is a wider patch than 50 at 4.
+        ([a, _member(tmp_path, "g", 0, 3, 0.5, mpp=6.0, patch_size=33)], [1.0, 1.0], "whole multiple"),
+        ([a, _member(tmp_path, "h", 0, 3, 0.5, mpp=12.0, patch_size=25)], [1.0, 1.0], "whole multiple"),
         ([a, _member(tmp_path, "f", 0, 3, 0.5, provenance={"val_patients": ["z"]})], [1.0, 1.0], "different patients"),
     ]
     for models, weights, message in cases:

@@ -270,18 +270,21 @@ def test_an_ensemble_names_each_networks_view_and_paints_the_slide(qtbot, window
     from inference.model import Architecture, ModelMeta, build, ensemble, save_checkpoint
 
     arch, members = Architecture(depth=10, widen=1), []
-    for i, margin in enumerate((0, 25, 25)):
+    for i, (margin, mpp) in enumerate(((0, 4.0), (25, 4.0), (25, 4.0), (12, 8.0))):
         torch.manual_seed(i)
-        save_checkpoint(tmp_path / f"{i}.pt", build(arch), ModelMeta(arch=arch, margin=margin))
+        save_checkpoint(tmp_path / f"{i}.pt", build(arch),
+                        ModelMeta(arch=arch, margin=margin, mpp=mpp, patch_size=int(200 / mpp)))
         members.append(load_checkpoint(tmp_path / f"{i}.pt"))
-    net, meta = ensemble(members, [3.0, 1.0, 1.0])
+    net, meta = ensemble(members, [4.0, 1.0, 1.0, 2.0])
     save_checkpoint(tmp_path / "e.pt", net, meta)
     window.session.set_model(load_checkpoint(tmp_path / "e.pt"))
     panel = window.inference
-    # The two networks with the same view are named once, each with its share of the logit.
-    assert ("WRN-10-1 sees the patch alone (weight 0.6) and 2 WRN-10-1 see the patch with 100 \u00b5m "
-            "around it (weight 0.2 each)") in panel.model_label.text()
+    # The two networks with the same view are named once, each with its share of the logit; the
+    # coarser one with its resolution.
+    assert ("50x50 px patches at 4 \u00b5m/px (200 \u00b5m; WRN-10-1 sees the patch alone (weight 0.5), "
+            "2 WRN-10-1 see the patch with 100 \u00b5m around it (weight 0.12 each) and WRN-10-1 sees the "
+            "patch at 8 \u00b5m/px with 96 \u00b5m around it (weight 0.25))") in panel.model_label.text()
     assert window.open_path(CMU_SVS)
     with qtbot.waitSignal(panel.heatmap_finished, timeout=120_000):
         panel.start()
-    assert panel.heatmap.complete and panel.heatmap.info.model_id.startswith("WRN-10-1+WRN-10-1+WRN-10-1-")
+    assert panel.heatmap.complete and panel.heatmap.info.model_id.startswith("WRN-10-1+WRN-10-1+WRN-10-1+WRN-10-1-")
