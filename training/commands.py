@@ -25,6 +25,8 @@ def folder_sources(args: Any) -> tuple[FolderSource, ...]:
 def run_train(args: Any) -> int:
     if args.distill is not None and not args.teacher:
         raise ValueError("--distill sets the teacher's share of the targets; give the teacher with --teacher.")
+    if args.init and args.model_mpp is not None:
+        raise ValueError("A fine-tuned model keeps its start model's resolution; leave out --model-mpp with --init.")
     config = TrainConfig(
         out=args.out,
         arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch, stem_stride=args.stem_stride),
@@ -38,6 +40,7 @@ def run_train(args: Any) -> int:
         init=args.init,
         imagenet=args.imagenet,
         margin=args.margin,
+        mpp=TrainConfig.mpp if args.model_mpp is None else args.model_mpp,
         freeze_trunk=args.freeze_trunk,
         augment=not args.no_augment,
         jpeg_augment=not args.no_jpeg_augment,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -28,7 +29,9 @@ from inference.patches import centre
 
 log = logging.getLogger(__name__)
 
+#: The data set's patches: 50 px at 4 um/px (40x scans downsampled 16:1), 200 um a side.
 PATCH = 50
+DATA_MPP = 4.0
 NAME_RE = re.compile(r"^(?P<patient>[^_/]+)_.*_class(?P<label>[01])\.png$", re.IGNORECASE)
 POS_RE = re.compile(r"_x(?P<x>\d+)_y(?P<y>\d+)_class[01]\.png$", re.IGNORECASE)
 
@@ -78,6 +81,18 @@ class PatchSet:
             margin,
         )
 
+    def averaged(self, k: int) -> PatchSet:
+        """The same views k times coarser: each k x k block of pixels averaged (what a slide read
+        at k times the um/px holds), the margin k times fewer pixels."""
+        if k == 1:
+            return self
+        n, h, w, c = self.images.shape
+        out = np.empty((n, h // k, w // k, c), np.uint8)
+        for i in range(0, n, 4096):  # in chunks: a float copy of every view at once would be large
+            b = self.images[i : i + 4096, : h - h % k, : w - w % k].astype(np.float32)
+            out[i : i + 4096] = np.rint(b.reshape(len(b), h // k, k, w // k, k, c).mean(axis=(2, 4)))
+        return PatchSet(out, self.labels, self.groups, self.sources, self.margin // k)
+
     def summary(self) -> dict[str, int]:
         """Counts per class and number of groups."""
         return {
@@ -108,6 +123,17 @@ def find_patch_files(root: Path) -> list[tuple[Path, str, int]]:
         raise DataError(f"No patches named *_class0.png or *_class1.png were found under {root}.")
     out.sort(key=lambda f: (f[0].parts, f[1], f[2]))  # the order of sorting the tuples, 5x faster
     return out
+
+
+def folder_factor(mpp: float) -> int:
+    """How many of a patch folder's pixels make one pixel at ``mpp`` um/px on a side: a whole
+    number that divides the patches' side, so that a model there scores the data set's patches."""
+    k = round(mpp / DATA_MPP)
+    if k < 1 or not math.isclose(mpp, k * DATA_MPP, rel_tol=1e-6) or PATCH % k:
+        raise DataError(f"Patch folders hold {PATCH} px patches at {DATA_MPP:g} \u00b5m/px, so a model trained "
+                        f"on them works at {DATA_MPP:g} \u00b5m/px or a whole multiple of it that divides {PATCH} "
+                        f"px (such as {2 * DATA_MPP:g}), not at {mpp:g}.")
+    return k
 
 
 def load_patch(path: Path, size: int = PATCH) -> np.ndarray | None:

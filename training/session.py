@@ -17,7 +17,7 @@ import numpy as np
 from inference.annotations import Annotation
 from inference.model import LoadedModel, ModelMeta, load_checkpoint, pick_device
 from inference.slide import open_slide
-from training.data import PatchSet, load_folder, split_groups
+from training.data import PATCH, PatchSet, folder_factor, load_folder, split_groups
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model, fit
 from training.regions import patches_from_annotations
 
@@ -96,14 +96,18 @@ def model_meta_for(config: SessionConfig) -> ModelMeta:
     the run's."""
     if config.train.init:
         return config.model(config.train.init).meta
-    return ModelMeta(arch=config.train.arch, mpp=config.train.mpp, margin=config.train.margin)
+    k = folder_factor(config.train.mpp)
+    return ModelMeta(arch=config.train.arch, patch_size=PATCH // k, mpp=config.train.mpp, margin=config.train.margin)
 
 
 def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> tuple[PatchSet, dict[str, dict[str, int]]]:
     parts, by_source = [], {}
     for src in sources:
         if isinstance(src, FolderSource):
-            data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed, meta.margin, src.patients)
+            # At a coarser resolution the patches and their margin are cut at the folder's and averaged down.
+            k = folder_factor(meta.mpp)
+            data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed, meta.margin * k,
+                               src.patients).averaged(k)
         else:
             with open_slide(src.slide_path, mpp=src.mpp) as slide:
                 data = patches_from_annotations(slide, src.annotations, meta, group_by=src.group_by)

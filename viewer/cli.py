@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--margin", type=int, default=TrainConfig.margin, metavar="PX",
                    help="without --init: the network sees each patch with PX px of its slide around it "
                    "(needs patches whose names carry their x, y); a start model keeps its own")
+    t.add_argument("--model-mpp", type=_positive_float, default=None, metavar="UM",
+                   help=f"without --init: the network works at UM um/px (default {TrainConfig.mpp:g}), a whole "
+                   "multiple of the patches' 4 um/px; at 8 it sees the same 200 um patches as 25 px, each pixel "
+                   "the mean of 2 x 2, and a --margin of PX px reaches twice as far")
     t.add_argument("--depth", type=int, default=Architecture.depth)
     t.add_argument("--widen", type=int, default=Architecture.widen)
     t.add_argument("--dropout", type=float, default=Architecture.dropout)
