@@ -89,7 +89,7 @@ class PatchSet:
         n, h, w, c = self.images.shape
         out = np.empty((n, h // k, w // k, c), np.uint8)
         for i in range(0, n, 4096):  # in chunks: a float copy of every view at once would be large
-            b = self.images[i : i + 4096, : h - h % k, : w - w % k].astype(np.float32)
+            b = self.images[i : i + 4096].astype(np.float32)
             out[i : i + 4096] = np.rint(b.reshape(len(b), h // k, k, w // k, k, c).mean(axis=(2, 4)))
         return PatchSet(out, self.labels, self.groups, self.sources, self.margin // k)
 
