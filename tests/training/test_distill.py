@@ -94,3 +94,27 @@ def test_train_cli_passes_the_teacher_on(tmp_path: Path, few_patients: Path,
     rc = main(["train", str(few_patients), "--out", str(tmp_path / "s.pt"), "--distill", "0.7"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "give the teacher with --teacher" in err and len(err.splitlines()) == 1
+
+
+def test_a_coarser_teacher_sees_the_students_view_averaged_down(tmp_path: Path) -> None:
+    """A teacher at 8 um/px (25 px patches) teaches a 4 um/px student of the same 200 um patches:
+    it scores the student's augmented pixels averaged 2 x 2, as it was trained to see them."""
+    from training.loop import _teacher
+
+    arch = Architecture(depth=10, widen=1)
+    torch.manual_seed(4)
+    save_checkpoint(tmp_path / "coarse.pt", WideResNet(arch),
+                    ModelMeta(arch=arch, patch_size=25, mpp=8.0, mean=(0.6,) * 3, std=(0.2,) * 3))
+    teacher = load_checkpoint(tmp_path / "coarse.pt")
+    student = ModelMeta(arch=arch, margin=6)
+    config = TrainConfig(out=str(tmp_path / "s.pt"), teacher=str(tmp_path / "coarse.pt"))
+    probs = _teacher(config, student, torch.device("cpu"))
+    assert probs is not None
+    x = torch.rand(6, 3, 62, 62, generator=torch.Generator().manual_seed(0))
+    middle = x[:, :, 6:-6, 6:-6].numpy().astype("float64")
+    pooled = middle.reshape(6, 3, 25, 2, 25, 2).mean(axis=(3, 5))
+    with torch.no_grad():
+        want = torch.sigmoid(teacher.net((torch.from_numpy(pooled).float() - 0.6) / 0.2))
+    got = probs(x)
+    assert float(want.std()) > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
