@@ -327,12 +327,18 @@ def normalise(x: torch.Tensor, meta: ModelMeta) -> torch.Tensor:
     return x if (meta.mean, meta.std) == IDENTITY else _scale(x, meta.mean, meta.std)
 
 
+def mpp_factor(mpp: float, finer: float) -> int | None:
+    """k where ``mpp`` um/px is a whole multiple k >= 1 of ``finer``; None where it is not."""
+    k = round(mpp / finer)
+    return k if k >= 1 and math.isclose(mpp, k * finer, rel_tol=1e-6) else None
+
+
 def view_factor(outer: ModelMeta, inner: ModelMeta, any_margin: bool = False) -> int | None:
     """How many of ``outer``'s pixels make one of ``inner``'s on a side, where ``inner`` scores the
     same patches at ``outer``'s resolution or a whole multiple of it and (unless ``any_margin``)
     sees no more around them; None where it does not."""
-    k = round(inner.mpp / outer.mpp)
-    if k < 1 or not math.isclose(inner.mpp, k * outer.mpp, rel_tol=1e-6) or inner.patch_size * k != outer.patch_size:
+    k = mpp_factor(inner.mpp, outer.mpp)
+    if k is None or inner.patch_size * k != outer.patch_size:
         return None
     return k if any_margin or inner.margin * k <= outer.margin else None
 

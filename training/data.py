@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 from collections import defaultdict
@@ -25,6 +24,7 @@ from PIL import Image
 
 from inference.atomic import atomic_path
 from inference.errors import UserError
+from inference.model import mpp_factor
 from inference.patches import centre
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,8 @@ def find_patch_files(root: Path) -> list[tuple[Path, str, int]]:
 def folder_factor(mpp: float) -> int:
     """How many of a patch folder's pixels make one pixel at ``mpp`` um/px on a side: a whole
     number that divides the patches' side, so that a model there scores the data set's patches."""
-    k = round(mpp / DATA_MPP)
-    if k < 1 or not math.isclose(mpp, k * DATA_MPP, rel_tol=1e-6) or PATCH % k:
+    k = mpp_factor(mpp, DATA_MPP)
+    if k is None or PATCH % k:
         raise DataError(f"Patch folders hold {PATCH} px patches at {DATA_MPP:g} \u00b5m/px, so a model trained "
                         f"on them works at {DATA_MPP:g} \u00b5m/px or a whole multiple of it that divides {PATCH} "
                         f"px (such as {2 * DATA_MPP:g}), not at {mpp:g}.")

@@ -19,8 +19,6 @@ from inference.tiff_writer import write_pyramid_from_array
 from inference.truth import PatchLabel, Truth, labels_path, truth_from_labels, write_labels
 from training.data import DATA_MPP, mosaic, patches_by_patient
 
-#: Resolution of the IDC patches (40x scans downsampled 16:1).
-
 
 @dataclass(frozen=True)
 class RebuiltSlide:
