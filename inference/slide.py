@@ -22,6 +22,7 @@ from PIL import Image
 
 from inference.errors import UserError
 from inference.geometry import Rect, best_level, to_level
+from inference.jpeg_tiles import SCALES, JpegLevels, TileDecodeError, open_jpeg_levels
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,17 @@ def resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class _Backend:
-    """What a slide format must provide; coordinates as in OpenSlide."""
+    """What a slide format must provide."""
 
-    def read_level(self, x_l0: int, y_l0: int, level: int, w_lv: int, h_lv: int) -> np.ndarray:
+    def read_level(self, level: int, x_lv: int, y_lv: int, w_lv: int, h_lv: int, scale: int = 1) -> np.ndarray:
+        """RGBA (h_lv, w_lv, 4) of ``level`` reduced ``scale`` times (one of :meth:`scales`), from
+        pixel (x_lv, y_lv) of that reduced level; outside the slide is transparent. A backend may
+        return RGB (h_lv, w_lv, 3) where every pixel is opaque."""
         raise NotImplementedError
+
+    def scales(self, level: int) -> tuple[int, ...]:
+        """The reductions :meth:`read_level` can decode a level at directly (1: as stored)."""
+        return (1,)
 
     def associated_image(self, name: str) -> np.ndarray:
         raise NotImplementedError
@@ -110,7 +118,7 @@ class _Backend:
 
 
 class _OpenSlideBackend(_Backend):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, direct_jpeg: bool = True) -> None:
         import openslide
 
         self._os = openslide
@@ -120,18 +128,38 @@ class _OpenSlideBackend(_Backend):
             raise SlideError(f"{path.name} is not a slide or image format this app can read.") from exc
         except openslide.OpenSlideError as exc:
             raise SlideError(f"{path.name} is damaged or incomplete and cannot be opened.") from exc
+        # SVS and generic TIFF: their JPEG tiles decoded directly, faster and at reduced scales.
+        self.jpeg: JpegLevels | None = open_jpeg_levels(
+            path, self.osr.properties.get("openslide.vendor", ""), self.osr.level_dimensions,
+            self._read_openslide) if direct_jpeg else None
 
-    def read_level(self, x_l0: int, y_l0: int, level: int, w_lv: int, h_lv: int) -> np.ndarray:
+    def _read_openslide(self, level: int, x_lv: int, y_lv: int, w_lv: int, h_lv: int) -> np.ndarray:
+        ds = self.osr.level_downsamples[level]
         try:
-            img = self.osr.read_region((x_l0, y_l0), level, (w_lv, h_lv))
+            img = self.osr.read_region((round(x_lv * ds), round(y_lv * ds)), level, (w_lv, h_lv))
         except self._os.OpenSlideError as exc:
             raise SlideError("The slide file is damaged: a region could not be read.") from exc
         return np.asarray(img)
+
+    def read_level(self, level: int, x_lv: int, y_lv: int, w_lv: int, h_lv: int, scale: int = 1) -> np.ndarray:
+        if self.jpeg is None:
+            if scale != 1:
+                raise ValueError(f"OpenSlide cannot decode at 1/{scale} scale")
+            return self._read_openslide(level, x_lv, y_lv, w_lv, h_lv)
+        try:
+            return self.jpeg.read(level, x_lv, y_lv, w_lv, h_lv, scale)
+        except (TileDecodeError, OSError) as exc:
+            raise SlideError("The slide file is damaged: a region could not be read.") from exc
+
+    def scales(self, level: int) -> tuple[int, ...]:
+        return SCALES if self.jpeg is not None else (1,)
 
     def associated_image(self, name: str) -> np.ndarray:
         return np.asarray(self.osr.associated_images[name].convert("RGB"))
 
     def close(self) -> None:
+        if self.jpeg is not None:
+            self.jpeg.close()
         self.osr.close()
 
 
@@ -154,11 +182,10 @@ class _PlainImageBackend(_Backend):
             prev = self.levels[-1]
             self.levels.append(resize_rgb(prev, (prev.shape[1] // 2, prev.shape[0] // 2)))
 
-    def read_level(self, x_l0: int, y_l0: int, level: int, w_lv: int, h_lv: int) -> np.ndarray:
+    def read_level(self, level: int, x_lv: int, y_lv: int, w_lv: int, h_lv: int, scale: int = 1) -> np.ndarray:
+        if scale != 1:
+            raise ValueError("plain images are read at their levels' own scale")
         arr = self.levels[level]
-        ds_y = self.levels[0].shape[0] / arr.shape[0]
-        ds_x = self.levels[0].shape[1] / arr.shape[1]
-        x_lv, y_lv = round(x_l0 / ds_x), round(y_l0 / ds_y)
         out = np.zeros((h_lv, w_lv, 4), np.uint8)
         sx0, sy0 = max(0, x_lv), max(0, y_lv)
         sx1, sy1 = min(arr.shape[1], x_lv + w_lv), min(arr.shape[0], y_lv + h_lv)
@@ -179,9 +206,13 @@ class _OpenFile:
 
 class Slide:
     """An open slide. ``read`` is safe to call from several threads (OpenSlide is thread-safe,
-    plain images are read-only arrays)."""
+    plain images are read-only arrays, JPEG tiles are read with ``os.pread``).
 
-    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None) -> None:
+    ``direct_jpeg=False`` has OpenSlide decode every tile even where the file's JPEG tiles could
+    be decoded directly (:mod:`inference.jpeg_tiles`): more slowly, and never at a reduced scale.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], mpp: float | None = None, direct_jpeg: bool = True) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise SlideError(f"{self.path} does not exist.")
@@ -198,7 +229,7 @@ class Slide:
             level_dims = tuple((lv.shape[1], lv.shape[0]) for lv in backend.levels)
             props: dict[str, str] = {"openslide.vendor": "image"}
         else:
-            self._backend = backend_os = _OpenSlideBackend(self.path)
+            self._backend = backend_os = _OpenSlideBackend(self.path, direct_jpeg)
             osr = backend_os.osr
             level_dims = tuple(osr.level_dimensions)
             props = dict(osr.properties)
@@ -280,26 +311,36 @@ class Slide:
         return h.hexdigest()[:16]
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, rect_l0: Rect, size: tuple[int, int]) -> np.ndarray:
+    def read(self, rect_l0: Rect, size: tuple[int, int], reduced_decode: bool = False) -> np.ndarray:
         """Read level-0 rectangle ``rect_l0`` resized to ``size`` = (w, h); RGB uint8 (h, w, 3)."""
         if rect_l0.is_empty:
             raise ValueError(f"empty read {rect_l0}")
-        return self.read_box((rect_l0.x, rect_l0.y, rect_l0.right, rect_l0.bottom), size)
+        return self.read_box((rect_l0.x, rect_l0.y, rect_l0.right, rect_l0.bottom), size, reduced_decode)
 
-    def read_box(self, box_l0: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
-        """Read the level-0 box (x0, y0, x1, y1), corners may be fractional, at ``size`` = (w, h)."""
+    def read_box(self, box_l0: tuple[float, float, float, float], size: tuple[int, int],
+                 reduced_decode: bool = False) -> np.ndarray:
+        """Read the level-0 box (x0, y0, x1, y1), corners may be fractional, at ``size`` = (w, h).
+
+        ``reduced_decode`` lets a JPEG pyramid level be decoded at 1/2, 1/4 or 1/8 of its size
+        where the output is at least that much smaller (libjpeg's scaled inverse DCT: a smooth
+        reduction, several times faster). The display reads so; the model and exports read the
+        level's own pixels, resized with a box filter, as the model was validated.
+        """
         x0, y0, x1, y1 = box_l0
         out_w, out_h = size
         if x1 <= x0 or y1 <= y0 or out_w <= 0 or out_h <= 0:
             raise ValueError(f"empty read {box_l0} -> {size}")
         downsample = min((x1 - x0) / out_w, (y1 - y0) / out_h)
         level = best_level(self.info.level_downsamples, downsample)
-        ds = self.info.level_downsamples[level]
+        scale = 1
+        if reduced_decode:  # the same 1% tolerance as the choice of level
+            scale = max(s for s in self._backend.scales(level) if s <= downsample / self.info.level_downsamples[level] * 1.01)
+        ds = self.info.level_downsamples[level] * scale  # level-0 pixels per pixel read
         x_lv, y_lv, w_lv, h_lv = to_level(Rect.from_corners(math.floor(x0), math.floor(y0),
                                                            math.ceil(x1), math.ceil(y1)), ds)
         # Read the covering level region, then crop the exact sub-pixel window while resizing.
         with self._reading():
-            rgba = self._backend.read_level(round(x_lv * ds), round(y_lv * ds), level, w_lv, h_lv)
+            rgba = self._backend.read_level(level, x_lv, y_lv, w_lv, h_lv, scale)
         rgb = composite_rgba(rgba, self.info.background)
         fx0, fy0 = x0 / ds - x_lv, y0 / ds - y_lv
         fx1, fy1 = x1 / ds - x_lv, y1 / ds - y_lv
@@ -348,7 +389,7 @@ class Slide:
         last = len(self.info.level_dimensions) - 1
         w_lv, h_lv = self.info.level_dimensions[last]
         try:
-            self._backend.read_level(0, 0, last, min(256, w_lv), min(256, h_lv))
+            self._backend.read_level(last, 0, 0, min(256, w_lv), min(256, h_lv))
         except SlideError:
             self.close()
             raise
@@ -375,6 +416,6 @@ class Slide:
         self.close()
 
 
-def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None, direct_jpeg: bool = True) -> Slide:
     """Open a slide or plain image; raises :class:`SlideError` with a one-sentence message."""
-    return Slide(path, mpp=mpp)
+    return Slide(path, mpp=mpp, direct_jpeg=direct_jpeg)

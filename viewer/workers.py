@@ -36,7 +36,7 @@ class _TileTask(QRunnable):
             loader._forget(self.key)  # stale: the user zoomed on before we started
             return
         try:
-            arr = loader.slide.read(loader.grid.rect(self.key), loader.grid.out_size(self.key))
+            arr = loader.slide.read(loader.grid.rect(self.key), loader.grid.out_size(self.key), reduced_decode=True)
         except Exception as exc:  # reported once to the GUI; the tile stays at coarser level
             log.warning("tile %s failed: %s", self.key, exc)
             loader._forget(self.key)
