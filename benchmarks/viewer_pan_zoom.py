@@ -4,7 +4,9 @@ On a generated 50,000 x 50,000 JPEG pyramid (real tissue texture, 3 levels) in a
 view, in one process:
 
 * cold: time from a jump to an unseen place until every visible tile is sharp, against
-  OpenSlide read_region of the same viewport at the same pyramid level (baseline);
+  OpenSlide read_region of the same viewport at the same pyramid level (baseline), and against
+  the same view on the slide opened with ``direct_jpeg=False`` (OpenSlide decoding every tile,
+  as before the JPEG tiles were decoded directly), at the same places in the same process;
 * warm: frame time (one synchronous repaint) while panning over already-visited places,
   against the same baseline read of one viewport;
 * peak RSS of the process.
@@ -28,7 +30,7 @@ from PySide6.QtCore import QEventLoop, QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from benchmarks.synthetic import big_slide, percentile  # noqa: E402
-from inference.slide import open_slide  # noqa: E402
+from inference.slide import Slide, open_slide  # noqa: E402
 from viewer.slide_view import SlideView  # noqa: E402
 
 VIEW_W, VIEW_H = 1920, 1080
@@ -74,18 +76,28 @@ def main() -> int:
     rng = np.random.default_rng(0)
     w0, h0 = slide.dimensions
 
-    # Cold: jumps to unseen places at several zoom levels.
-    cold, cold_base = [], []
-    by_scale: dict[float, list[float]] = {}
+    # Cold: jumps to unseen places at several zoom levels, first with OpenSlide decoding every
+    # tile, then with direct JPEG decoding (each run on its own places, so nothing is cached).
     scales = [1.0, 0.5, 0.25, 0.125, 0.0625]
-    for i in range(20):
-        scale = scales[i % len(scales)]
-        cx, cy = rng.uniform(0.1, 0.9) * w0, rng.uniform(0.1, 0.9) * h0
-        view.set_scale(scale)
-        view.center_on_l0(cx, cy)
-        cold.append(wait_sharp(app, view))
-        by_scale.setdefault(scale, []).append(cold[-1])
-        cold_base.append(baseline_read(osr, cx, cy, scale))
+
+    def cold_run(s: Slide) -> tuple[list[float], dict[float, list[float]], list[float]]:
+        view.set_slide(s)
+        wait_sharp(app, view)
+        times, base, by_scale = [], [], {}
+        for i in range(20):
+            scale = scales[i % len(scales)]
+            cx, cy = rng.uniform(0.1, 0.9) * w0, rng.uniform(0.1, 0.9) * h0
+            view.set_scale(scale)
+            view.center_on_l0(cx, cy)
+            times.append(wait_sharp(app, view))
+            by_scale.setdefault(scale, []).append(times[-1])
+            base.append(baseline_read(osr, cx, cy, scale))
+        return times, by_scale, base
+
+    with open_slide(path, direct_jpeg=False) as slow:
+        cold_os, by_scale_os, _ = cold_run(slow)
+        view.clear_slide()
+    cold, by_scale, cold_base = cold_run(slide)
 
     # Warm: pan back and forth over a visited strip at 1:1 and at 0.25.
     warm, warm_base = [], []
@@ -112,6 +124,11 @@ def main() -> int:
     print(f"cold full-sharp viewport: p50 {percentile(cold, 50) * ms:.1f} ms, p95 {percentile(cold, 95) * ms:.1f} ms"
           f"  (target <= 150 ms)")
     print("  by zoom: " + ", ".join(f"{s:g}x of level 0: {percentile(v, 50) * ms:.0f} ms" for s, v in by_scale.items()))
+    print(f"  OpenSlide decoding every tile (direct_jpeg=False): p50 {percentile(cold_os, 50) * ms:.1f} ms, "
+          f"p95 {percentile(cold_os, 95) * ms:.1f} ms; by zoom: "
+          + ", ".join(f"{s:g}x: {percentile(v, 50) * ms:.0f} ms" for s, v in by_scale_os.items()))
+    print(f"  ratio direct / OpenSlide decoding, p50: {percentile(cold, 50) / percentile(cold_os, 50):.2f}, by zoom: "
+          + ", ".join(f"{s:g}x {percentile(by_scale[s], 50) / percentile(v, 50):.2f}" for s, v in by_scale_os.items()))
     print(f"  baseline OpenSlide read_region of same viewports: p50 {percentile(cold_base, 50) * ms:.1f} ms,"
           f" p95 {percentile(cold_base, 95) * ms:.1f} ms")
     print(f"  ratio cold p50 / baseline p50: {percentile(cold, 50) / percentile(cold_base, 50):.2f}")
