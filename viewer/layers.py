@@ -49,6 +49,7 @@ class TileLayer(QGraphicsItem):
         self.cache: ByteLRU[QPixmap] = ByteLRU(cache_bytes, lambda pm: pm.width() * pm.height() * 4)
         self.pinned: dict[TileKey, QPixmap] = {}
         self.request_tile = lambda key: None  # set by the view: queue a tile read
+        self._dirty: QRectF | None = None  # level-0 area of the tiles stored since the last flush
         self.setFlag(QGraphicsItem.GraphicsItemFlag.ItemUsesExtendedStyleOption, True)
         self.setZValue(0)
 
@@ -59,13 +60,20 @@ class TileLayer(QGraphicsItem):
         return self.pinned.get(key) or self.cache.get(key)
 
     def add_tile(self, key: TileKey, arr: np.ndarray) -> None:
-        """Store a loaded tile (GUI thread) and repaint only its rectangle."""
+        """Store a loaded tile (GUI thread); :meth:`flush` repaints it."""
         pm = QPixmap.fromImage(array_to_qimage(arr))
         if key.level == self.grid.coarsest:
             self.pinned[key] = pm
         else:
             self.cache.put(key, pm)
-        self.update(qrectf(self.grid.rect(key)))
+        r = qrectf(self.grid.rect(key))
+        self._dirty = r if self._dirty is None else self._dirty.united(r)
+
+    def flush(self) -> None:
+        """Repaint the area of the tiles stored since the last flush, once."""
+        if self._dirty is not None:
+            self.update(self._dirty)
+            self._dirty = None
 
     def coarsest_keys(self) -> list[TileKey]:
         rows, cols = self.grid.shape(self.grid.coarsest)

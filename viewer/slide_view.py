@@ -39,6 +39,10 @@ def format_length(um: float) -> str:
     return f"{um:g} \u00b5m"
 
 
+#: At most one repaint for newly loaded tiles per this many ms (about 30 frames per second).
+REPAINT_MS = 33
+
+
 class SlideView(QGraphicsView):
     """Pan and zoom over a slide; the view transform is the only display state."""
 
@@ -48,7 +52,7 @@ class SlideView(QGraphicsView):
     tile_failed = Signal(str)
     geometry_drawn = Signal(str, object)  # tool name, shapely geometry in level-0 px
 
-    def __init__(self, parent: QWidget | None = None) -> None:
+    def __init__(self, parent: QWidget | None = None, repaint_ms: int = REPAINT_MS) -> None:
         super().__init__(parent)
         self.setScene(QGraphicsScene(self))
         self.setFrameShape(QFrame.Shape.NoFrame)
@@ -72,6 +76,10 @@ class SlideView(QGraphicsView):
         self._fitted = False  # stays fitted across resizes until the user zooms or pans
         self._check = QTimer(self, singleShot=True, interval=0)
         self._check.timeout.connect(self._on_check_timeout)
+        # Tiles arriving together are drawn together: one repaint per repaint_ms, not one per tile
+        # (0: a repaint at every pass of the event loop that brought tiles, as before batching).
+        self._repaint = QTimer(self, singleShot=True, interval=repaint_ms)
+        self._repaint.timeout.connect(self._flush_tiles)
         self.horizontalScrollBar().valueChanged.connect(self.request_update)
         self.verticalScrollBar().valueChanged.connect(self.request_update)
 
@@ -123,7 +131,15 @@ class SlideView(QGraphicsView):
         if self.tiles is None or key.slide != self.tiles.grid.slide_id:
             return
         self.tiles.add_tile(key, arr)
+        if not self._repaint.isActive():
+            self._repaint.start()
         self._check.start()
+
+    @Slot()
+    def _flush_tiles(self) -> None:
+        self._repaint.stop()
+        if self.tiles is not None:
+            self.tiles.flush()
 
     @Slot(object, str)
     def _on_loader_tile_failed(self, key: TileKey, message: str) -> None:
@@ -334,6 +350,7 @@ class SlideView(QGraphicsView):
     @Slot()
     def _on_check_timeout(self) -> None:
         if not self._sharp_emitted and self.is_sharp():
+            self._flush_tiles()  # the last tiles are drawn now, not at the next batch
             self._sharp_emitted = True
             self.became_sharp.emit()
 

@@ -12,10 +12,12 @@ from PIL import Image
 from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QWheelEvent
 
+from inference.geometry import Rect
 from inference.slide import open_slide
 from inference.tiles import TileGrid, TileKey
 from tests.conftest import CMU_SVS, DEMO, REPO
 from tests.viewer.conftest import show_window
+from viewer.layers import TileLayer, rect_from_qrectf
 from viewer.main_window import MainWindow
 from viewer.slide_view import format_length, nice_length
 from viewer.workers import TileLoader
@@ -228,3 +230,25 @@ def test_drop_a_slide_file_opens_it(qtbot, window: MainWindow) -> None:
     with qtbot.waitSignal(window.session.slide_changed, timeout=5000):
         window.dropEvent(ev)
     assert window.slide.path == CMU_SVS
+
+
+def test_tiles_arriving_together_are_drawn_together(qtbot, window: MainWindow, monkeypatch) -> None:
+    """Tiles loaded after a jump are repainted in batches, not once per tile, and the last batch
+    as soon as the view is sharp, not when its interval falls due."""
+    open_and_wait(qtbot, window, DEMO)
+    view = window.view
+    view._repaint.setInterval(60_000)  # longer than the wait below: only the flush at sharp repaints
+    repaints: list[tuple[int, Rect]] = []  # (tiles arrived by then, level-0 area)
+    arrived: list[TileKey] = []
+    monkeypatch.setattr(TileLayer, "update", lambda self, r: repaints.append((len(arrived), rect_from_qrectf(r))))
+    view.loader.tile_loaded.connect(lambda key, arr: arrived.append(key))
+    with qtbot.waitSignal(view.became_sharp, timeout=20_000):
+        view.set_scale(1.0)
+        view.center_on_l0(2600, 1900)
+    assert len(arrived) >= 6
+    assert len(repaints) == 1, "tiles were repainted one by one, or not at all, before the view was sharp"
+    n, area = repaints[0]
+    assert n == len(arrived)
+    for key in arrived:
+        tile = view.tiles.grid.rect(key)
+        assert area.intersect(tile) == tile
