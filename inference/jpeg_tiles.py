@@ -23,11 +23,15 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from inference.tiles import ByteLRU
+
+if TYPE_CHECKING:
+    from tifffile import TiffPage
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,8 @@ class _Level:
     height: int
     tile_w: int
     tile_h: int
-    offsets: tuple[int, ...]
-    counts: tuple[int, ...]
+    offsets: np.ndarray  # of each tile's bytes in the file, row by row
+    counts: np.ndarray
     header: bytes  # SOI, the colour-space marker and the shared tables, if any
     cols: int
 
@@ -83,11 +87,11 @@ class JpegLevels:
         if hit is not None or key in self._cache:
             return hit
         lv = self.levels[level]
-        count = lv.counts[index]
+        count = int(lv.counts[index])
         if count == 0:
             self._cache.put(key, None)
             return None
-        data = os.pread(self._fd, count, lv.offsets[index])
+        data = os.pread(self._fd, count, int(lv.offsets[index]))
         if data[:2] != b"\xff\xd8":
             raise TileDecodeError(f"tile {index} of level {level} is not a JPEG stream")
         size = (lv.tile_w // scale, lv.tile_h // scale)
@@ -133,30 +137,28 @@ class JpegLevels:
             self._cache.clear()
 
 
-def _level_of_page(page: object, size: tuple[int, int]) -> _Level | None:
-    """A level's tiles if ``page`` is a tiled 8-bit RGB / YCbCr JPEG page of ``size``."""
-    p = page
+def _level_of_page(p: TiffPage, size: tuple[int, int]) -> _Level | None:
+    """A level's tiles if ``p`` is a tiled 8-bit RGB / YCbCr JPEG page of ``size``."""
     ok = (
-        getattr(p, "is_tiled", False)
-        and (p.imagewidth, p.imagelength) == size  # type: ignore[attr-defined]
-        and p.compression == _JPEG  # type: ignore[attr-defined]
-        and p.photometric in (_RGB, _YCBCR)  # type: ignore[attr-defined]
-        and p.samplesperpixel == 3 and p.bitspersample == 8  # type: ignore[attr-defined]
-        and p.planarconfig == 1 and p.imagedepth == 1  # type: ignore[attr-defined]
-        and p.tilewidth % 16 == 0 and p.tilelength % 16 == 0  # type: ignore[attr-defined]
+        p.is_tiled
+        and (p.imagewidth, p.imagelength) == size
+        and p.compression == _JPEG
+        and p.photometric in (_RGB, _YCBCR)
+        and p.samplesperpixel == 3 and p.bitspersample == 8
+        and p.planarconfig == 1 and p.imagedepth == 1
+        and p.tilewidth % 16 == 0 and p.tilelength % 16 == 0
     )
     if not ok:
         return None
-    cols = math.ceil(size[0] / p.tilewidth)  # type: ignore[attr-defined]
-    rows = math.ceil(size[1] / p.tilelength)  # type: ignore[attr-defined]
-    if len(p.dataoffsets) != rows * cols:  # type: ignore[attr-defined]
+    cols, rows = math.ceil(size[0] / p.tilewidth), math.ceil(size[1] / p.tilelength)
+    if len(p.dataoffsets) != rows * cols:
         return None
-    tables = p.jpegtables or b""  # type: ignore[attr-defined]
+    tables = p.jpegtables or b""
     if tables and not (tables.startswith(b"\xff\xd8") and tables.endswith(b"\xff\xd9")):
         return None
-    header = b"\xff\xd8" + _adobe_marker(0 if p.photometric == _RGB else 1) + tables[2:-2]  # type: ignore[attr-defined]
-    return _Level(size[0], size[1], p.tilewidth, p.tilelength, tuple(int(o) for o in p.dataoffsets),  # type: ignore[attr-defined]
-                  tuple(int(c) for c in p.databytecounts), header, cols)  # type: ignore[attr-defined]
+    header = b"\xff\xd8" + _adobe_marker(0 if p.photometric == _RGB else 1) + tables[2:-2]
+    return _Level(size[0], size[1], p.tilewidth, p.tilelength, np.asarray(p.dataoffsets, np.int64),
+                  np.asarray(p.databytecounts, np.int64), header, cols)
 
 
 #: reference(level, x_lv, y_lv, w, h) -> RGBA of OpenSlide's read of that level region.
@@ -169,10 +171,10 @@ def open_jpeg_levels(path: Path, vendor: str, level_dimensions: Sequence[tuple[i
     if vendor not in VENDORS:
         return None
     try:
-        import tifffile
+        import tifffile  # here: plain images and other formats never need it (100 ms to import)
 
         with tifffile.TiffFile(path) as tif:
-            pages = [p for p in tif.pages if getattr(p, "is_tiled", False)]
+            pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage) and p.is_tiled]
             levels = []
             for size in level_dimensions:
                 found = [lv for lv in (_level_of_page(p, tuple(size)) for p in pages) if lv is not None]
