@@ -358,10 +358,11 @@ class Slide:
         return self.read(rect_l0, (max(1, round(rect_l0.w * scale)), max(1, round(rect_l0.h * scale))))
 
     def thumbnail(self, max_side: int) -> np.ndarray:
-        """Whole slide as RGB with its longer side ``max_side`` pixels."""
+        """Whole slide as RGB with its longer side ``max_side`` pixels, to show (reduced decoding)."""
         w0, h0 = self.dimensions
         scale = max_side / max(w0, h0)
-        return self.read(Rect(0, 0, w0, h0), (max(1, round(w0 * scale)), max(1, round(h0 * scale))))
+        return self.read(Rect(0, 0, w0, h0), (max(1, round(w0 * scale)), max(1, round(h0 * scale))),
+                         reduced_decode=True)
 
     def associated_image(self, name: str) -> np.ndarray:
         """An associated image (label, macro, thumbnail) as RGB uint8."""
