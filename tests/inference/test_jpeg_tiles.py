@@ -11,6 +11,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+from PIL import Image
 
 import inference.jpeg_tiles as jt
 from inference.geometry import Rect
@@ -94,10 +95,13 @@ def test_reduced_decode_only_where_the_output_is_that_much_smaller(jpeg_pyramid)
 
 def test_other_compressions_and_plain_images_are_left_to_their_readers(slide_mpp, tmp_path: Path) -> None:
     path, img = slide_mpp  # zlib tiles
-    with open_slide(path) as s:
-        assert s._backend.jpeg is None and s._backend.scales(0) == (1,)
-        out = s.read(Rect(0, 0, 800, 600), (200, 150), reduced_decode=True)
-        np.testing.assert_array_equal(out, s.read(Rect(0, 0, 800, 600), (200, 150)))
+    png = tmp_path / "plain.png"
+    Image.fromarray(img).save(png)
+    for p in (path, png):
+        with open_slide(p) as s:
+            assert getattr(s._backend, "jpeg", None) is None and s._backend.scales(0) == (1,)
+            out = s.read(Rect(0, 0, 800, 600), (200, 150), reduced_decode=True)
+            np.testing.assert_array_equal(out, s.read(Rect(0, 0, 800, 600), (200, 150)))
 
 
 def test_a_file_decoding_unlike_openslide_is_left_to_openslide(monkeypatch) -> None:
