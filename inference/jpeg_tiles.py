@@ -11,6 +11,10 @@ level pixels per screen pixel and throws three away.
 or YCbCr JPEG page of exactly that level's size, and when its first tile of every level decodes
 to OpenSlide's pixels; anything else (other formats, other compressions, a colour space libjpeg
 would read otherwise) is left to OpenSlide.
+
+Reads are in a level's own pixel grid. Where a level's downsample is not whole (4.0003 in many
+scans), OpenSlide, given a level-0 position, starts its read a fraction of a pixel off that grid
+and interpolates; here the level's pixels are returned as they are.
 """
 
 from __future__ import annotations
