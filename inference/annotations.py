@@ -70,7 +70,7 @@ class Annotation:
         return float(self.geometry.area) * mpp * mpp
 
     def heatmap_stats(self, heatmap: Heatmap | None) -> tuple[float | None, float | None]:
-        """(mean IDC probability, share of cells at or above the model threshold) under the region."""
+        """(mean IDC probability, share of cells the model calls IDC) under the region."""
         if heatmap is None or self.geometry.area == 0:
             return None, None
         rr, cc = heatmap.grid.cells_with_centre_in(self.geometry)
@@ -78,7 +78,7 @@ class Annotation:
         p = p[np.isfinite(p)]
         if not len(p):
             return None, None
-        return float(p.mean()), float((p >= heatmap.threshold).mean())
+        return float(p.mean()), float((p >= heatmap.call_threshold).mean())
 
 
 Listener = Callable[[], None]
@@ -199,14 +199,15 @@ class AnnotationStore:
             self._set(self._redo.pop())
 
 
-def regions_from_heatmap(heatmap: Heatmap, threshold: float, min_area_um2: float = 0.0,
+def regions_from_heatmap(heatmap: Heatmap, threshold: float | None = None, min_area_um2: float = 0.0,
                          mpp: float | None = None) -> list[Annotation]:
-    """Editable IDC polygons: cells at or above ``threshold``, merged on the cell grid.
+    """Editable IDC polygons: the cells the model calls (``threshold`` None: :attr:`Heatmap.called`,
+    as the cohort figures count them), or the cells at or above ``threshold``, merged on the grid.
 
     Edges follow the cell grid with one vertex per corner (collinear points removed); holes are
     kept; regions smaller than ``min_area_um2`` are dropped (needs ``mpp``).
     """
-    mask = np.nan_to_num(heatmap.prob, nan=-1.0) >= threshold
+    mask = heatmap.called if threshold is None else np.nan_to_num(heatmap.prob, nan=-1.0) >= threshold
     return regions_from_cells(heatmap.grid, mask, "IDC", "IDC region", min_area_um2, mpp)
 
 

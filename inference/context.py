@@ -77,6 +77,10 @@ class ThresholdAdapt:
     stroma. A percentile of the slide's per-patch logits measures the shift; the threshold moves
     with it in logit space, ``logit(t) = logit(t_model) + slope * (P - reference)``. P is clamped
     to the range seen in calibration, so an odd slide is never extrapolated to.
+
+    A slide whose scores sit low is most often a slide without IDC, where a falling threshold
+    paints benign tissue: ``min_shift`` is the floor of the move (0: never below the model's own
+    threshold, which calibration chose with IDC-free slides in view; None: no floor).
     """
 
     percentile: float  # of the per-patch logits of the computed cells, 0-100
@@ -84,6 +88,7 @@ class ThresholdAdapt:
     reference: float  # the value of P at which the threshold is the model's own
     low: float
     high: float
+    min_shift: float | None = None  # the threshold never moves further down than this (logit)
 
     def shift(self, raw_prob: np.ndarray) -> float:
         """How far (in logit) the threshold of a slide with this per-patch map moves; 0 if empty."""
@@ -91,7 +96,8 @@ class ThresholdAdapt:
         if p.size == 0:
             return 0.0
         value = float(np.clip(np.percentile(logit(p), self.percentile), self.low, self.high))
-        return self.slope * (value - self.reference)
+        move = self.slope * (value - self.reference)
+        return move if self.min_shift is None else max(move, self.min_shift)
 
     @staticmethod
     def threshold_shifted(base: float, shift: float) -> float:

@@ -199,7 +199,7 @@ def _blend_heatmap(rgb: np.ndarray, heatmap: Heatmap, bbox: Rect, size: tuple[in
     p = np.full((h, w), np.nan, np.float32)
     p[np.ix_(valid_y, valid_x)] = prob[np.ix_(ys[valid_y], xs[valid_x])]
     lut = colormap_lut(colormap)
-    shown = np.isfinite(p) & (np.nan_to_num(p, nan=-1.0) >= heatmap.threshold)  # as on screen
+    shown = np.isfinite(p) & (np.nan_to_num(p, nan=-1.0) >= heatmap.call_threshold)  # the model's calls
     col = lut[np.clip(np.nan_to_num(p) * 255, 0, 255).astype(np.uint8)].astype(np.float32)
     out = rgb.astype(np.float32)
     out[shown] = out[shown] * (1 - alpha) + col[shown] * alpha

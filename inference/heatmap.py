@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from inference.atomic import atomic_path
+from inference.calls import NOT_FOUND, SlideCallPolicy
 from inference.context import ThresholdAdapt, context_prob, context_radius
 from inference.domain import N_STATS, slide_score
 from inference.patches import PatchGrid
@@ -63,10 +64,11 @@ class HeatmapInfo:
     context_sigma: float = 0.0  # neighbourhood of the context map, in cells (0: none)
     context_threshold: float | None = None  # decision threshold on the context map (not in the key)
     threshold_adapt: ThresholdAdapt | None = None  # thresholds follow the slide's scores (not in the key)
+    slide_call: SlideCallPolicy | None = None  # the slide score and call (inference.calls; not in the key)
 
     def key(self) -> str:
         d = {**asdict(self), "grid_version": GRID_VERSION}
-        for name in ("threshold", "context_threshold", "threshold_adapt"):
+        for name in ("threshold", "context_threshold", "threshold_adapt", "slide_call"):
             d.pop(name)
         if not d["context_sigma"]:
             d.pop("context_sigma")  # keys of heatmaps without context are unchanged
@@ -79,7 +81,9 @@ class Heatmap:
     ``prob`` and ``threshold`` are those of the map shown: the context-aware map when the model
     has one and ``context`` is on (the default), else the raw per-patch map (``raw_prob``). Every
     consumer (colours, hover, regions, measurements, agreement) reads ``prob`` and so uses what
-    the pathologist sees.
+    the pathologist sees. Which cells are *called* is :attr:`called`, the one owner of the calls:
+    cells at or above the threshold, and none on a slide whose slide score says no IDC
+    (inference.calls).
 
     One heatmap per job: the inference thread adds batches, views read it. ``add`` and the
     derived maps run under one lock, and derived maps are replaced, never changed in place, so
@@ -99,6 +103,7 @@ class Heatmap:
         self._prob: np.ndarray | None = None
         self._context_prob: np.ndarray | None = None
         self._shift: float | None = None  # of an adaptive threshold, from the cells computed so far
+        self._slide_score: tuple[float | None] | None = None  # from the cells computed so far
         self._context = True
         self._lock = threading.RLock()
         self._writer = 0  # the run allowed to add (see claim)
@@ -159,6 +164,38 @@ class Heatmap:
             return adapt.threshold_shifted(base, self._shift)
 
     @property
+    def slide_score(self) -> float | None:
+        """The calibrated slide score (inference.calls) of the cells computed so far, on the map
+        the policy was fitted on (the context map when the model has one, whatever is shown);
+        None without a policy or a computed cell."""
+        policy = self.info.slide_call
+        if policy is None:
+            return None
+        with self._lock:
+            if self._slide_score is None:
+                prob = context_prob(self.raw_prob, self.info.context_sigma) if self.has_context else self.raw_prob
+                self._slide_score = (policy.score(prob),)
+            return self._slide_score[0]
+
+    def slide_call(self, out_of_domain: bool = False) -> str | None:
+        """FOUND, NOT_FOUND or UNCERTAIN (inference.calls), or None when the model has no policy."""
+        policy = self.info.slide_call
+        return None if policy is None else policy.call(self.slide_score, out_of_domain)
+
+    @property
+    def call_threshold(self) -> float:
+        """The probability at or above which a cell is called on this slide: :attr:`threshold`,
+        or infinity (nothing is called) when the slide score says no IDC."""
+        if self.info.slide_call is not None and self.slide_call() == NOT_FOUND:
+            return float("inf")
+        return self.threshold
+
+    @property
+    def called(self) -> np.ndarray:
+        """(rows, cols) bool: the cells the map shown calls IDC on this slide."""
+        return np.nan_to_num(self.prob, nan=-np.inf) >= self.call_threshold
+
+    @property
     def computed(self) -> np.ndarray:
         return self.count > 0
 
@@ -202,7 +239,7 @@ class Heatmap:
         with self._lock:
             if writer is not None and writer != self._writer:
                 return None
-            self._prob = self._context_prob = self._shift = None
+            self._prob = self._context_prob = self._shift = self._slide_score = None
             self.patch_prob[rows, cols] = probs
             self.patch_done[rows, cols] = True
             if stats is not None:
@@ -248,7 +285,8 @@ class Heatmap:
             info = HeatmapInfo(meta["slide_fingerprint"], meta["model_id"], PatchGrid(**meta["grid"]),
                                meta["min_tissue"], meta.get("threshold", 0.5),
                                meta.get("context_sigma", 0.0), meta.get("context_threshold"),
-                               ThresholdAdapt(**meta["threshold_adapt"]) if meta.get("threshold_adapt") else None)
+                               ThresholdAdapt(**meta["threshold_adapt"]) if meta.get("threshold_adapt") else None,
+                               SlideCallPolicy(**meta["slide_call"]) if meta.get("slide_call") else None)
             if z["tissue"].shape != info.grid.patch_shape or z["sum"].shape != info.grid.cell_shape:
                 raise ValueError(f"{Path(path).name} does not match its grid (written by another version).")
             hm = cls(info, z["tissue"])

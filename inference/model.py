@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from inference.atomic import write_bytes
+from inference.calls import SlideCallPolicy
 from inference.context import ThresholdAdapt
 from inference.efficientnet import EfficientNetLite
 from inference.errors import UserError
@@ -111,6 +112,9 @@ class ModelMeta:
     #: Slide-adaptive threshold (inference.context.ThresholdAdapt as a dict), chosen on
     #: validation slides; {} means the thresholds above hold on every slide.
     threshold_adapt: dict[str, float] = field(default_factory=dict)
+    #: The slide score and call (inference.calls.SlideCallPolicy as a dict), chosen on validation
+    #: slides with IDC and IDC-free ones; {} means no slide-level answer.
+    slide_call: dict[str, float] = field(default_factory=dict)
     #: What the training slides looked like (inference.domain): the training patients' colour
     #: statistics and the score above which a slide is outside that domain; {} if unknown.
     domain: dict[str, Any] = field(default_factory=dict)
@@ -150,6 +154,15 @@ class ModelMeta:
         return ThresholdAdapt(**self.threshold_adapt) if self.threshold_adapt else None
 
     @property
+    def call_policy(self) -> SlideCallPolicy | None:
+        return SlideCallPolicy(**self.slide_call) if self.slide_call else None  # type: ignore[arg-type]
+
+    @property
+    def positive_class(self) -> str:
+        """The name of the class the model finds ("IDC")."""
+        return self.classes[1]
+
+    @property
     def shares(self) -> tuple[float, ...]:
         """Each member's share of an ensemble's logit: its weight over the sum of the weights."""
         total = sum(m.weight for m in self.members)
@@ -178,7 +191,7 @@ class ModelMeta:
         d["mean"], d["std"], d["classes"] = tuple(d["mean"]), tuple(d["std"]), tuple(d["classes"])
         d["members"] = tuple(Member(float(m["weight"]), cls._from_dict(m["meta"])) for m in d.get("members", ()))
         meta = cls(arch=arch, **d)
-        _ = meta.adapt  # a malformed adaptive threshold fails here, not in the middle of a slide
+        _ = meta.adapt, meta.call_policy  # malformed calibration fails here, not in the middle of a slide
         return meta
 
 

@@ -180,7 +180,7 @@ def agreement(heatmap: Heatmap, labels: np.ndarray, ambiguous: int = 0) -> Agree
     if not use.any():
         return None
     y = labels[use].astype(np.int64)
-    m = M.compute(y, prob[use], threshold=heatmap.threshold)
+    m = M.compute(y, prob[use], threshold=heatmap.call_threshold)
     return Agreement(m, int(use.sum()), int(y.sum()), int((use & outside).sum()), ambiguous)
 
 
@@ -194,7 +194,7 @@ def disagreements(heatmap: Heatmap, labels: np.ndarray) -> list[Annotation]:
     name, so the same heatmap and truth always give the same regions.
     """
     use, prob, _ = _compared(heatmap, labels)
-    called = prob >= heatmap.threshold
+    called = prob >= heatmap.call_threshold
     regions = (regions_from_cells(heatmap.grid, use & called & (labels == 0), FALSE_IDC, FALSE_IDC)
                + regions_from_cells(heatmap.grid, use & ~called & (labels == 1), MISSED_IDC, MISSED_IDC))
     key = f"idc-disagreement:{heatmap.info.key()}:{'context' if heatmap.context else 'per-patch'}"
