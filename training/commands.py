@@ -49,6 +49,7 @@ def run_train(args: Any) -> int:
         num_threads=args.threads,
         teacher=args.teacher,
         distill=TrainConfig.distill if args.distill is None else args.distill,
+        hard_negatives=args.hard_negatives,
     )
     session = SessionConfig(folder_sources(args), config, args.val_fraction, args.test_fraction,
                             split_from=args.split_from)

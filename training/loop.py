@@ -70,6 +70,9 @@ class TrainConfig:
     ema: float = 0.999  # decay of the weight average that is evaluated and saved (0: off)
     teacher: str | None = None  # distil: a trained model whose probabilities join the labels as targets
     distill: float = 0.5  # with teacher: the teacher's share of each target (the label's is the rest)
+    #: with init: non-IDC training patches the start model calls IDC (at its threshold, on JPEG q80
+    #: patches) are drawn this many times as often as the others of their class (1: no mining)
+    hard_negatives: float = 1.0
 
 
 #: The correct-and-retrain recipe (training tab, benchmarks): a few short epochs from the model
@@ -228,6 +231,8 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         if config.resume and resume_path.exists():
             ema_net.load_state_dict(state["ema"])
     sample_w = group_weights(train.groups, train.labels)
+    if config.hard_negatives != 1.0:
+        sample_w = _mine_hard_negatives(sample_w, net, meta, train, config, device)
     sample_p = sample_w / sample_w.sum()
     val_w = evaluation_weights(val.groups)
     val_images = jpeg_batch(val.images, config.val_jpeg_quality, config.seed) if config.val_jpeg_quality else val.images
@@ -308,6 +313,29 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     if not best_val:  # resumed after the last best epoch: its metrics are in the checkpoint
         best_val = load_checkpoint(out).meta.metrics["validation"]["patient_weighted"]
     yield DoneReport(str(out), best_epoch, best_val, stopped_early)
+
+
+def _mine_hard_negatives(sample_w: np.ndarray, net: torch.nn.Module, meta: ModelMeta, train: PatchSet,
+                         config: TrainConfig, device: torch.device) -> np.ndarray:
+    """Sampling weights with the start model's false IDC calls drawn ``config.hard_negatives``
+    times as often; the non-IDC class keeps its half of the draws.
+
+    Hard negatives are the non-IDC tissue of IDC patients that the model calls IDC (carcinoma in
+    situ, benign ducts, dense stroma): what paints IDC-free tissue red on slides.
+    """
+    if not config.init:
+        raise ModelError("Hard negatives are mined with a start model: give --init MODEL.")
+    if config.hard_negatives < 1:
+        raise ModelError(f"Hard negatives are drawn at least as often as the others, not {config.hard_negatives:g}x.")
+    p = predict_patches(net, meta, jpeg_batch(train.images, 80, config.seed), device)
+    neg = train.labels == 0
+    hard = neg & (p >= meta.threshold)
+    log.info("hard negatives: %d of %d non-IDC training patches", hard.sum(), neg.sum())
+    w = sample_w.copy()
+    total = w[neg].sum()
+    w[hard] *= config.hard_negatives
+    w[neg] *= total / w[neg].sum()
+    return w
 
 
 def _teacher(config: TrainConfig, meta: ModelMeta, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill", type=float, default=None, metavar="A",
                    help=f"with --teacher: the teacher's share of each training target (default {TrainConfig.distill})")
     t.add_argument("--freeze-trunk", action="store_true", help="with --init: train only the head")
+    t.add_argument("--hard-negatives", type=float, default=TrainConfig.hard_negatives, metavar="X",
+                   help="with --init: draw the non-IDC patches the start model calls IDC X times as often")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     t.add_argument("--samples-per-epoch", type=int, default=TrainConfig.samples_per_epoch)
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--truth", action="append", default=None, metavar="FILE",
                    help="ground truth of each slide, in order (repeatable)")
     e.add_argument("--as-slides", action="store_true", help="rebuild each patient's slide and evaluate it")
+    e.add_argument("--idc-free", action="store_true",
+                   help="with --as-slides: also rebuild each patient's slide without its IDC patches and report "
+                   "the share of its tissue called IDC, and how the slide score ranks the two kinds")
     e.add_argument("--keep-slides", default=None, metavar="DIR",
                    help="with --as-slides: keep the rebuilt slides here, each with its <stem>.labels.csv "
                    "(the viewer then shows their truth and agreement)")
@@ -142,13 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "--keep-slides names another folder)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
-    c = sub.add_parser("calibrate", help="choose threshold and tissue context on rebuilt validation slides",
-                       description="Rebuild the model's validation patients' slides as JPEG pyramids, run the "
-                       "whole-slide pipeline, choose the context neighbourhood and thresholds that maximise the "
-                       "mean per-slide balanced accuracy, and write them into a copy of the model.")
+    c = sub.add_parser("calibrate", help="choose the model's calls on rebuilt validation slides",
+                       description="Rebuild the model's validation patients' slides as JPEG pyramids, with their "
+                       "IDC and without it (IDC-free), run the whole-slide pipeline, choose the context "
+                       "neighbourhood, the thresholds and their floor that best match the called region to the "
+                       "labelled one (F1) while IDC-free tissue stays clear, and the slide score and call, and "
+                       "write them into a copy of the model.")
     _add_data_args(c)
     _add_eval_args(c, default_patients="val")
     c.add_argument("--out", required=True, help="calibrated checkpoint to write (.pt)")
+    c.add_argument("--idc-free-weight", type=float, default=None, metavar="W",
+                   help="the IDC-free slides' share of the objective, 0-1 (default 0.5)")
 
     en = sub.add_parser("ensemble", help="join trained networks into one model (their weighted mean logit)",
                         description="Each network sees the patch as it was trained to (its own margin and input "

@@ -197,3 +197,29 @@ def test_resume_continues_from_the_last_epoch(small_real: PatchSet, tmp_path: Pa
 
     resumed = [r.epoch for r in fit(replace(config, resume=True), train, val) if isinstance(r, EpochReport)]
     assert resumed == [2, 3]
+
+
+def test_hard_negatives_are_the_start_models_false_calls_drawn_more_often(small_real: PatchSet) -> None:
+    """Mining with the shipped model: the non-IDC patches it calls IDC (on JPEG q80, as on slides)
+    are drawn X times as often as the other non-IDC ones, and each class keeps its half."""
+    from resources import shipped_model_path
+    from training.augment import jpeg_batch
+    from training.loop import _mine_hard_negatives, predict_patches
+
+    start = load_checkpoint(shipped_model_path())
+    data = small_real.subset(np.arange(len(small_real)) < 300).with_margin(0)
+    data = PatchSet(np.pad(data.images, ((0, 0), (12, 12), (12, 12), (0, 0)), constant_values=255),
+                    data.labels, data.groups, data.sources, 12)  # the margin the shipped model sees
+    config = TrainConfig(out="", init=str(shipped_model_path()), hard_negatives=4.0)
+    base = group_weights(data.groups, data.labels)
+    w = _mine_hard_negatives(base, start.net, start.meta, data, config, torch.device("cpu"))
+    p = predict_patches(start.net, start.meta, jpeg_batch(data.images, 80, config.seed), torch.device("cpu"))
+    neg = data.labels == 0
+    hard = neg & (p >= start.meta.threshold)
+    assert 0 < hard.sum() < neg.sum()
+    ratio = (w / base)
+    assert np.allclose(ratio[hard] / ratio[neg & ~hard].mean(), 4.0) and np.allclose(ratio[~neg], 1.0)
+    assert w[neg].sum() == pytest.approx(base[neg].sum()) and w[~neg].sum() == pytest.approx(base[~neg].sum())
+    with pytest.raises(ModelError):
+        _mine_hard_negatives(base, start.net, start.meta, data, TrainConfig(out="", hard_negatives=4.0),
+                             torch.device("cpu"))
