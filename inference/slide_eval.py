@@ -1,8 +1,10 @@
-"""Slide-level evaluation: run the whole-slide pipeline, compare its cells with ground truth.
+"""Slide-level evaluation: run the whole-slide pipeline, compare its calls with ground truth.
 
-This is how a lab checks a model on its own annotated slides before trusting it, and how the
-shipped model's threshold and context neighbourhood are chosen (on validation slides rebuilt as
-JPEG pyramids, as a pathologist will see them, not on lossless patches).
+This is how a lab checks a model on its own annotated slides before trusting it, and what the
+shipped model's calls are chosen by (inference.calibration, on validation slides rebuilt as JPEG
+pyramids, as a pathologist will see them, not on lossless patches). A slide with truth is judged
+by agreement, F1 and the area called against the area labelled; an IDC-free slide by the share
+of its tissue called IDC; both by the slide score and call.
 """
 
 from __future__ import annotations
@@ -10,24 +12,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from inference import metrics as M
-from inference.context import ThresholdAdapt, logit
+from inference.calibration import F1_MIN_IDC
+from inference.calls import FOUND, NOT_FOUND, UNCERTAIN
 from inference.heatmap import Heatmap
 from inference.model import LoadedModel
 from inference.predict import BatchResult, PredictSettings, plan, predict_slide
 from inference.slide import Slide
 from inference.truth import Agreement, Truth, agreement, away_from_borders, cell_truth
 
-#: Context neighbourhoods (in cells) tried by calibration; 0 is the per-patch map.
-SIGMAS = (0.0, 0.5, 0.75, 1.0, 1.5, 2.0)
-#: Slides where IDC covers less than this share of labelled cells are left out of the mean F1.
-F1_MIN_IDC = 0.10
 METRIC_KEYS = ("auc", "balanced_accuracy", "f1", "sensitivity", "specificity")
 
 
@@ -41,6 +40,10 @@ class SlideResult:
     context: Agreement | None
     seconds: float
     away_from_borders: Agreement | None = None
+    idc_free: bool = False  # rebuilt without its IDC: every cell called is a false call
+    called_share: float | None = None  # share of the computed tissue the model calls (map shown)
+    slide_score: float | None = None  # calibrated slide score (inference.calls), None without a policy
+    slide_call: str | None = None  # FOUND, NOT_FOUND or UNCERTAIN
 
     @property
     def shown(self) -> Agreement | None:
@@ -56,8 +59,20 @@ class SlideResult:
                     "ambiguous": a.ambiguous, "threshold": m.threshold,
                     **{k: _finite(getattr(m, k)) for k in METRIC_KEYS}}
 
-        return {"slide": self.name, "seconds": round(self.seconds, 2), "per_patch": one(self.raw),
-                "context": one(self.context), "away_from_borders": one(self.away_from_borders)}
+        return {"slide": self.name, "seconds": round(self.seconds, 2), "idc_free": self.idc_free,
+                "called_share": _finite(self.called_share), "slide_score": _finite(self.slide_score),
+                "slide_call": self.slide_call, "area_ratio": _finite(self.area_ratio),
+                "per_patch": one(self.raw), "context": one(self.context),
+                "away_from_borders": one(self.away_from_borders)}
+
+    @property
+    def area_ratio(self) -> float | None:
+        """Cells called over cells labelled IDC (of the compared cells, map shown); None without IDC."""
+        a = self.shown
+        if a is None or not a.idc_cells:
+            return None
+        m = a.metrics
+        return (m.tp + m.fp) / (m.tp + m.fn)
 
 
 def _finite(v: float) -> float | None:
@@ -76,8 +91,10 @@ def compute_heatmap(slide: Slide, model: LoadedModel, device: torch.device | str
     return heatmap
 
 
-def evaluate_heatmap(name: str, heatmap: Heatmap, truth: Truth, seconds: float = 0.0) -> SlideResult:
-    """Agreement of a complete heatmap with truth, for both maps the viewer can show."""
+def evaluate_heatmap(name: str, heatmap: Heatmap, truth: Truth, seconds: float = 0.0,
+                     idc_free: bool = False) -> SlideResult:
+    """Agreement of a complete heatmap with truth, for both maps the viewer can show, with the
+    share of tissue called and the slide's score and call (on the map shown by default)."""
     labels, ambiguous = cell_truth(heatmap.grid, truth)
     show = heatmap.context
     heatmap.context = False
@@ -88,13 +105,16 @@ def evaluate_heatmap(name: str, heatmap: Heatmap, truth: Truth, seconds: float =
         ctx = agreement(heatmap, labels, ambiguous)
     heatmap.context = show
     inner = agreement(heatmap, away_from_borders(labels), ambiguous)
-    return SlideResult(name, raw, ctx, seconds, inner)
+    computed = int(heatmap.computed.sum())
+    share = float(heatmap.called.sum()) / computed if computed else None
+    return SlideResult(name, raw, ctx, seconds, inner, idc_free, share, heatmap.slide_score, heatmap.slide_call())
 
 
 def summary(results: Sequence[SlideResult], which: str = "shown") -> dict[str, Any]:
-    """Means over slides: AUC and balanced accuracy over slides with both classes, F1 over
-    slides where IDC covers at least :data:`F1_MIN_IDC` of the labelled cells."""
-    rows = [getattr(r, which) for r in results]
+    """Means over the slides with truth (IDC-free ones are in :func:`calls_summary`): AUC and
+    balanced accuracy over slides with both classes, F1 over slides where IDC covers at least
+    :data:`F1_MIN_IDC` of the labelled cells."""
+    rows = [getattr(r, which) for r in results if not r.idc_free]
     rows = [a for a in rows if a is not None and a.cells]
     both = [a for a in rows if 0 < a.idc_cells < a.cells]
     f1_rows = [a for a in both if a.idc_cells / a.cells >= F1_MIN_IDC]
@@ -113,119 +133,38 @@ def summary(results: Sequence[SlideResult], which: str = "shown") -> dict[str, A
     }
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The context neighbourhood and thresholds chosen on validation slides, with the table."""
+def calls_summary(results: Sequence[SlideResult]) -> dict[str, Any]:
+    """How the model's calls read to a pathologist, on the map shown by default.
 
-    sigma: float
-    threshold: float  # of the per-patch map
-    context_threshold: float  # of the context map (equal to threshold when sigma is 0)
-    adapt: ThresholdAdapt | None  # thresholds follow each slide's scores; None: fixed
-    table: list[dict[str, Any]]
-
-
-#: What calibration tries: fixed thresholds, and thresholds that follow one of these percentiles
-#: of the slide's per-patch logits with one of these slopes.
-THRESHOLDS = np.round(np.linspace(0.02, 0.98, 97), 2)
-PERCENTILES = (75.0, 90.0)
-SLOPES = np.round(np.arange(0.0, 1.201, 0.05), 2)
-
-
-@dataclass(frozen=True)
-class _Slide:
-    y: np.ndarray  # labels of the compared cells
-    z: np.ndarray  # logits of the map tried on those cells (outside tissue: probability 0)
-    raw: np.ndarray  # the per-patch map, which an adaptive threshold reads
-
-
-def _slides(heatmaps: Sequence[Heatmap], labels: Sequence[np.ndarray]) -> list[_Slide]:
-    """The slides with both classes, each with its compared cells (as :func:`agreement` does)."""
-    out = []
-    for hm, lab in zip(heatmaps, labels, strict=True):
-        prob = hm.prob
-        computed = np.isfinite(prob)
-        use = (lab >= 0) & (computed | ~hm.tissue_cells)
-        y = lab[use].astype(bool)
-        if 0 < y.sum() < len(y):
-            out.append(_Slide(y, logit(np.where(computed, prob, 0.0)[use]), hm.raw_prob))
-    return out
-
-
-def _bac_grid(slides: Sequence[_Slide], shifts: np.ndarray) -> np.ndarray:
-    """Balanced accuracy of every slide for every (slope, threshold): (slides, slopes, thresholds).
-
-    A slide's threshold is ``logit(t) + slope * shift`` (shift 0: the fixed threshold t).
+    Slides with IDC: median area called over area labelled (all, and those with at least
+    :data:`F1_MIN_IDC` IDC); IDC-free slides: mean and largest share of tissue called IDC; both:
+    how often a slide with IDC has a higher slide score than an IDC-free one (pair AUC), and the
+    slide calls of each kind.
     """
-    out = np.empty((len(slides), len(SLOPES), len(THRESHOLDS)))
-    base = logit(THRESHOLDS)[None, :]
-    for i, (sl, shift) in enumerate(zip(slides, shifts, strict=True)):
-        t = base + SLOPES[:, None] * shift
-        pos, neg = np.sort(sl.z[sl.y]), np.sort(sl.z[~sl.y])
-        sens = 1 - np.searchsorted(pos, t, "left") / len(pos)  # called IDC: z >= t
-        spec = np.searchsorted(neg, t, "left") / len(neg)
-        out[i] = 0.5 * (sens + spec)
+    pos = [r for r in results if not r.idc_free and r.shown is not None and r.shown.idc_cells]
+    big = [r for r in pos if r.shown.idc_cells / r.shown.cells >= F1_MIN_IDC]
+    free = [r for r in results if r.idc_free and r.called_share is not None]
+
+    def median(vals: list[float | None]) -> float | None:
+        v = [x for x in vals if x is not None]
+        return round(float(np.median(v)), 4) if v else None
+
+    shares = [r.called_share for r in free]
+    out: dict[str, Any] = {
+        "slides_with_idc": len(pos), "area_ratio_median": median([r.area_ratio for r in pos]),
+        "area_ratio_median_for_f1": median([r.area_ratio for r in big]),
+        "idc_free_slides": len(free),
+        "idc_free_called_mean": round(float(np.mean(shares)), 4) if shares else None,
+        "idc_free_called_max": round(float(np.max(shares)), 4) if shares else None,
+        "idc_free_over_8_percent": int(sum(s > 0.08 for s in shares)),
+    }
+    scored = [r for r in (*pos, *free) if r.slide_score is not None]
+    if any(r.idc_free for r in scored) and any(not r.idc_free for r in scored):
+        y = np.array([not r.idc_free for r in scored])
+        out["slide_score_pair_auc"] = round(M.roc_auc(y, np.array([r.slide_score for r in scored])), 4)
+    for kind, rows in (("slides_with_idc", pos), ("idc_free", free)):
+        out[f"calls_{kind}"] = {c: sum(r.slide_call == c for r in rows) for c in (FOUND, UNCERTAIN, NOT_FOUND)}
     return out
-
-
-def _best(bac: np.ndarray) -> tuple[int, float, float]:
-    """The best flat (slope, threshold) index on all slides, its mean, and the leave-one-slide-out
-    mean: each slide judged at the setting chosen on the others (how calibration is compared)."""
-    n = len(bac)
-    flat = bac.reshape(n, -1)
-    total = flat.sum(axis=0)
-    j = int(np.argmax(total))
-    if n == 1:
-        return j, float(total[j]), float(total[j])
-    loo = [flat[i, int(np.argmax(total - flat[i]))] for i in range(n)]
-    return j, float(total[j] / n), float(np.mean(loo))
-
-
-def calibrate(heatmaps: Sequence[Heatmap], truths: Sequence[Truth], sigmas: Sequence[float] = SIGMAS) -> Calibration:
-    """Choose the context neighbourhood and the (fixed or slide-adaptive) threshold.
-
-    Every candidate is scored by the mean per-slide balanced accuracy left one slide out, so an
-    adaptive threshold, which has more to fit, wins only where it holds on slides it did not see.
-    Only slides with both classes count; each slide weighs the same, as each patient does.
-    """
-    labels = [cell_truth(hm.grid, t)[0] for hm, t in zip(heatmaps, truths, strict=True)]
-    raw_slides = _slides(heatmaps, labels)
-    if not raw_slides:
-        raise ValueError("No validation slide holds both IDC and non-IDC cells; calibration needs some.")
-    adapts = {}
-    for q in PERCENTILES:
-        values = np.array([np.percentile(logit(s.raw[np.isfinite(s.raw)]), q) for s in raw_slides])
-        adapts[q] = ThresholdAdapt(q, 1.0, float(np.median(values)), float(values.min()), float(values.max()))
-    shifts = {q: np.array([a.shift(s.raw) for s in raw_slides]) for q, a in adapts.items()}
-    fixed = np.zeros(len(raw_slides))
-    table, grids = [], {}
-    for sigma in sigmas:
-        slides = _slides([_with_sigma(hm, sigma) for hm in heatmaps], labels)  # the same slides, in order
-        auc = float(np.nanmean([M.roc_auc(s.y.astype(np.int64), s.z) for s in slides]))
-        for q in (None, *PERCENTILES):
-            grid = _bac_grid(slides, fixed if q is None else shifts[q])
-            if q is None:
-                grid = grid[:, :1]  # slope 0 only
-            grids[sigma, q] = grid
-            j, mean, loo = _best(grid)
-            slope_i, t_i = np.unravel_index(j, grid.shape[1:])
-            table.append({"sigma": sigma, "percentile": q, "slope": float(SLOPES[slope_i]),
-                          "threshold": float(THRESHOLDS[t_i]), "balanced_accuracy": round(mean, 4),
-                          "loo_balanced_accuracy": round(loo, 4), "auc": round(auc, 4), "slides": len(slides)})
-    best = max(table, key=lambda r: r["loo_balanced_accuracy"])  # first of equals: simplest
-    q, slope_i = best["percentile"], int(np.searchsorted(SLOPES, best["slope"]))
-    adapt = replace(adapts[q], slope=best["slope"]) if q is not None and best["slope"] else None
-    raw_grid = grids.get((0.0, q))
-    raw_t = float(THRESHOLDS[int(np.argmax(raw_grid[:, slope_i].sum(axis=0)))]) if raw_grid is not None \
-        else best["threshold"]
-    return Calibration(best["sigma"], raw_t, best["threshold"], adapt, table)
-
-
-def _with_sigma(heatmap: Heatmap, sigma: float) -> Heatmap:
-    """The same computed heatmap seen through another context neighbourhood."""
-    hm = Heatmap(replace(heatmap.info, context_sigma=sigma), heatmap.tissue)
-    hm.sum, hm.count = heatmap.sum, heatmap.count
-    hm.patch_done, hm.patch_prob = heatmap.patch_done, heatmap.patch_prob
-    return hm
 
 
 def timed(fn: Callable[[], Heatmap]) -> tuple[Heatmap, float]:

@@ -14,7 +14,7 @@ from inference.annotations import Annotation
 from inference.context import context_prob
 from inference.heatmap import Heatmap, HeatmapInfo, cache_path
 from inference.patches import PatchGrid
-from inference.slide_eval import calibrate, evaluate_heatmap, summary
+from inference.slide_eval import evaluate_heatmap, summary
 from inference.truth import (
     DISAGREEMENT_CLASSES,
     FALSE_IDC,
@@ -31,14 +31,15 @@ from tests.conftest import DEMO
 from viewer.cli import main
 
 
-def make_heatmap(prob: np.ndarray, sigma: float = 0.0, threshold: float = 0.5, adapt=None) -> Heatmap:
+def make_heatmap(prob: np.ndarray, sigma: float = 0.0, threshold: float = 0.5, adapt=None,
+                 slide_call=None) -> Heatmap:
     """A heatmap with the given per-cell probabilities (NaN: not computed yet) on a 50 px grid at
     4 um/px; the tissue is the whole grid when cells are missing, else the computed cells."""
     rows, cols = prob.shape
     grid = PatchGrid.build((cols * 50, rows * 50), 4.0, 4.0, 50)
     tissue = np.isfinite(prob) if adapt is None else np.ones(prob.shape, bool)
-    hm = Heatmap(HeatmapInfo("slide", "model", grid, 0.1, threshold, sigma, threshold if sigma else None, adapt),
-                 tissue)
+    hm = Heatmap(HeatmapInfo("slide", "model", grid, 0.1, threshold, sigma, threshold if sigma else None, adapt,
+                             slide_call), tissue)
     rr, cc = np.nonzero(np.isfinite(prob))
     hm.add(rr, cc, prob[rr, cc].astype(np.float32))
     return hm
@@ -189,57 +190,6 @@ def test_cells_of_many_regions_are_those_whose_centre_each_contains() -> None:
     # Centres 75..275 by 75..125 (those on the edges are out); 25..75 square; none.
     assert [int((region == k + j).sum()) for j in range(3)] == [10, 4, 0]
     assert len(region) > len(geoms) and grid.cells_with_centre_in_each([])[0].size == 0
-
-
-def test_calibration_picks_context_when_neighbours_help() -> None:
-    rng = np.random.default_rng(0)
-    heatmaps, truths = [], []
-    for i in range(4):
-        y = np.zeros((20, 20), int)
-        y[4:14, 3 + i : 12 + i] = 1  # a sheet of IDC
-        noisy = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.3, y.shape), 0.01, 0.99).astype(np.float32)
-        hm = make_heatmap(noisy)
-        heatmaps.append(hm)
-        regions = tuple((shapely.box(c * 50, r * 50, c * 50 + 50, r * 50 + 50), int(y[r, c]))
-                        for r in range(20) for c in range(20))
-        from inference.truth import Truth
-
-        truths.append(Truth(regions, f"s{i}"))
-    cal = calibrate(heatmaps, truths)
-    rows = {r["sigma"]: r for r in cal.table if r["percentile"] is None}  # fixed thresholds
-    assert cal.sigma > 0 and rows[cal.sigma]["balanced_accuracy"] > rows[0.0]["balanced_accuracy"] + 0.05
-
-
-def _grid_truth(y: np.ndarray, name: str):
-    from inference.truth import Truth
-
-    regions = tuple((shapely.box(c * 50, r * 50, c * 50 + 50, r * 50 + 50), int(y[r, c]))
-                    for r in range(y.shape[0]) for c in range(y.shape[1]))
-    return Truth(regions, name)
-
-
-def test_calibration_adapts_the_threshold_to_slides_whose_scores_are_shifted() -> None:
-    """Each slide ranks its cells well, but its scores sit higher or lower as a whole: one fixed
-    threshold fails some slides, a threshold that follows the slide's scores holds on all,
-    also on slides it was not fitted on (the left-out figure)."""
-    rng = np.random.default_rng(1)
-    heatmaps, truths = [], []
-    for i, shift in enumerate(np.linspace(-2.5, 2.5, 8)):
-        y = (rng.random((12, 12)) < 0.3).astype(int)
-        z = 2.0 * (y - 0.3) + rng.normal(0, 0.6, y.shape) + shift
-        heatmaps.append(make_heatmap((1 / (1 + np.exp(-z))).astype(np.float32)))
-        truths.append(_grid_truth(y, f"s{i}"))
-    cal = calibrate(heatmaps, truths, sigmas=(0.0,))
-    fixed = next(r for r in cal.table if r["percentile"] is None)
-    chosen = max(cal.table, key=lambda r: r["loo_balanced_accuracy"])
-    assert cal.adapt is not None and cal.adapt.percentile == chosen["percentile"] and cal.adapt.slope > 0.5
-    assert chosen["loo_balanced_accuracy"] > fixed["loo_balanced_accuracy"] + 0.05
-    # Each heatmap, given the calibrated model's settings, now draws the line where its own scores are.
-    for hm in heatmaps:
-        adapted = make_heatmap(hm.raw_prob, threshold=cal.threshold, adapt=cal.adapt)
-        assert (adapted.threshold > cal.threshold) == (cal.adapt.shift(hm.raw_prob) > 0)
-    low, high = (make_heatmap(heatmaps[k].raw_prob, threshold=cal.threshold, adapt=cal.adapt) for k in (0, -1))
-    assert low.threshold < cal.threshold < high.threshold
 
 
 def test_adaptive_threshold_follows_the_computed_cells_and_is_clamped(cache_dir: Path) -> None:

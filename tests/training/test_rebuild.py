@@ -89,8 +89,63 @@ def test_calibrate_writes_threshold_and_context(tmp_path: Path, capsys: pytest.C
     linked = {p.name for p in folder.iterdir()}
     assert model.meta.domain["patients"] == len(linked - held_out) >= 12
     cal = model.meta.metrics["calibration"]
-    assert [r["sigma"] for r in cal["table"]][0] == 0.0 and cal["patients"] == [f"patient {p}" for p in PATIENTS]
-    best = max(cal["table"], key=lambda r: r["loo_balanced_accuracy"])
+    assert [r["sigma"] for r in cal["table"]][0] == 0.0 and cal["patients"] == sorted(
+        f"patient {p}{kind}" for p in PATIENTS for kind in ("", " IDC-free"))
+    best = max(cal["table"], key=lambda r: r["loo_objective"])
     assert model.meta.context_sigma == best["sigma"]
     assert (model.meta.adapt is None) == (best["percentile"] is None or best["slope"] == 0)
+    # Calibrated on the patients' slides with their IDC and without it: a slide call is fitted.
+    assert all(r["idc_free_slides"] == 2 for r in cal["table"]) and model.meta.call_policy is not None
+    assert model.meta.call_policy.top_cells == cal["slide_scores"]["top_cells"]
     assert all(np.array_equal(a, b) for a, b in zip(model.net.state_dict().values(), shipped.net.state_dict().values(), strict=True))
+
+
+def test_idc_free_rebuild_keeps_only_the_non_idc_patches(tmp_path: Path) -> None:
+    root = need_patches()
+    (rs,) = list(rebuild_slides(root, tmp_path, 80, [PATIENTS[0]], idc_free=True))
+    items = patches_by_patient(root, [PATIENTS[0]])[PATIENTS[0]]
+    assert rs.path.name == f"patient_{PATIENTS[0]}_idc_free.tif"
+    assert rs.patches == sum(label == 0 for *_, label in items) < len(items)
+    assert {lab for _, lab in rs.truth.regions} == {0}
+    idc = next((x, y) for _, x, y, label in items if label == 1)
+    with open_slide(rs.path) as slide:  # where an IDC patch was, the slide is background
+        assert slide.read(Rect(idc[0] + 10, idc[1] + 10, 30, 30), (30, 30)).min() > 240
+
+
+#: Validation patients (their slides were calibrated on) with IDC that the shipped model finds,
+#: and whose IDC-free tissue the previous calibration painted (a quarter and a third of it).
+CLEAR = ["13022", "14079"]
+
+
+def test_idc_free_slides_stay_clear_with_the_shipped_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped model on real patients' slides rebuilt with and without their IDC: the IDC is
+    found and outlined, the IDC-free tissue stays under the per-slide limit of 8% (here: clear).
+    With the previous calibration (a threshold that falls on slides whose scores sit low, no
+    slide call) the same IDC-free slides were painted well over the limit."""
+    from dataclasses import asdict, replace
+
+    from inference.context import ThresholdAdapt
+    from inference.model import save_checkpoint
+
+    root = need_patches()
+    args = ["evaluate", str(root), "--as-slides", "--idc-free", "--device", "cpu", "--json",
+            *(a for p in CLEAR for a in ("--patient", p))]
+
+    def run(*extra: str) -> dict:
+        assert main([*args, *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        return {s["slide"]: s for s in out["slides"]} | {"calls": out["calls"]}
+
+    now = run()
+    for p in CLEAR:
+        pos, free = now[f"patient {p}"], now[f"patient {p} IDC-free"]
+        assert pos["slide_call"] == "found" and pos["context"]["f1"] >= 0.7
+        assert free["idc_free"] and free["called_share"] <= 0.08 and free["slide_call"] != "found"
+    assert now["calls"]["idc_free_called_max"] <= 0.08 and now["calls"]["slide_score_pair_auc"] == 1.0
+    # The previous calibration, for contrast (the values the previous release shipped).
+    shipped = load_checkpoint(shipped_model_path())
+    before = ThresholdAdapt(90.0, 0.35, 2.0945, -0.8873, 4.135)
+    meta = replace(shipped.meta, threshold=0.43, context_threshold=0.37, threshold_adapt=asdict(before), slide_call={})
+    save_checkpoint(tmp_path / "before.pt", shipped.net, meta)
+    then = run("--model", str(tmp_path / "before.pt"))
+    assert all(then[f"patient {p} IDC-free"]["called_share"] > 0.2 for p in CLEAR)
