@@ -26,9 +26,11 @@ from PIL import Image
 from inference.annotation_io import dumps_geojson
 from inference.annotations import AnnotationStore, regions_from_heatmap
 from inference.atomic import atomic_path, write_bytes
+from inference.calls import call_text
+from inference.domain import warnings as domain_warnings
 from inference.errors import UserError
 from inference.heatmap import DEFAULT_COLORMAP, Heatmap, load_matching
-from inference.model import LoadedModel, load_checkpoint, pick_device
+from inference.model import LoadedModel, ModelMeta, load_checkpoint, pick_device
 from inference.predict import PredictSettings, heatmap_info
 from inference.session import Finished, infer
 from inference.slide import SLIDE_SUFFIXES, open_slide
@@ -97,6 +99,10 @@ class SlideOutcome:
     max_probability: float | None = None
     mean_probability: float | None = None
     threshold: float | None = None  # the model's threshold on this slide (it may adapt to the slide)
+    slide_score: float | None = None  # calibrated slide score (inference.calls)
+    slide_call: str = ""  # "IDC found", "no IDC found" or "uncertain" (the model's class name)
+    domain_score: float | None = None  # colour distance from the training domain (inference.domain)
+    out_of_domain: bool | None = None  # the slide lies outside what the model was trained on
     model_id: str = ""
     seconds: float = 0.0
     engine: str = "local"
@@ -105,15 +111,20 @@ class SlideOutcome:
 COLUMNS = tuple(f.name for f in fields(SlideOutcome))
 
 
-def figures(heatmap: Heatmap, mpp: float) -> dict[str, float | None]:
-    """Cohort figures of a finished heatmap, on the map shown by default (context when defined)."""
+def figures(heatmap: Heatmap, mpp: float, meta: ModelMeta) -> dict[str, Any]:
+    """Cohort figures of a finished heatmap, on the map shown by default (context when defined),
+    from the model's calls (:attr:`Heatmap.called`), with the slide's answer (score, call) and
+    whether it lies outside the model's domain (then the call is "uncertain")."""
+    domain_score = heatmap.domain_score(meta.domain)
+    out_of_domain = bool(domain_warnings(mpp, meta, domain_score))
+    call = heatmap.slide_call(out_of_domain)
+    score = heatmap.slide_score
     cell_um2 = (heatmap.grid.stride_l0 * mpp) ** 2
     prob = heatmap.prob
     computed = np.isfinite(prob)
     tissue = float(computed.sum()) * cell_um2
-    idc_cells = computed & (np.nan_to_num(prob, nan=-1.0) >= heatmap.threshold)
-    idc = float(idc_cells.sum()) * cell_um2
-    regions = regions_from_heatmap(heatmap, heatmap.threshold, 0.0, mpp)
+    idc = float(heatmap.called.sum()) * cell_um2
+    regions = regions_from_heatmap(heatmap, None, 0.0, mpp)
     return {
         "tissue_area_um2": round(tissue, 1),
         "idc_area_um2": round(idc, 1),
@@ -122,6 +133,10 @@ def figures(heatmap: Heatmap, mpp: float) -> dict[str, float | None]:
         "max_probability": round(float(np.nanmax(prob)), 6) if computed.any() else None,
         "mean_probability": round(float(np.nanmean(prob)), 6) if computed.any() else None,
         "threshold": round(heatmap.threshold, 4),
+        "slide_score": None if score is None else round(score, 4),
+        "slide_call": "" if call is None else call_text(call, meta.positive_class),
+        "domain_score": None if domain_score is None else round(domain_score, 3),
+        "out_of_domain": out_of_domain,
     }
 
 
@@ -143,7 +158,7 @@ def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = DE
             w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
     # Ids from the heatmap and each region's rank: the same heatmap always writes the same file.
     regions = [replace(r, id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"idc-heatmap:{heatmap.info.key()}:{r.name}")))
-               for r in regions_from_heatmap(heatmap, heatmap.threshold, min_area_um2, mpp)]
+               for r in regions_from_heatmap(heatmap, None, min_area_um2, mpp)]
     geojson = out_dir / f"{stem}.idc.geojson"
     write_bytes(geojson, dumps_geojson(regions, AnnotationStore()))
     return [npz, png, csv_path, geojson]
@@ -171,7 +186,7 @@ def run_slide(task: SlideTask, model: LoadedModel | None = None, engine: str = "
             existing = load_matching(out_dir / f"{task.stem}.heatmap.npz", heatmap_info(slide, model, task.settings))
             if existing is not None and existing.complete:
                 return SlideOutcome(name, "skipped", "results exist for this model and settings",
-                                    **figures(existing, slide.mpp), model_id=model.model_id, engine=engine)
+                                    **figures(existing, slide.mpp, model.meta), model_id=model.model_id, engine=engine)
             heatmap = None
             for report in infer(slide, model, pick_device(task.device), task.settings, read_cache=False):
                 if isinstance(report, Finished):
@@ -180,7 +195,7 @@ def run_slide(task: SlideTask, model: LoadedModel | None = None, engine: str = "
                     on_report(report)
             assert heatmap is not None
             write_outputs(heatmap, out_dir, task.stem, mpp=slide.mpp, min_area_um2=task.min_area_um2)
-            return SlideOutcome(name, "done", "", **figures(heatmap, slide.mpp), model_id=model.model_id,
+            return SlideOutcome(name, "done", "", **figures(heatmap, slide.mpp, model.meta), model_id=model.model_id,
                                 seconds=round(time.perf_counter() - t0, 2), engine=engine)
     except UserError as exc:
         return SlideOutcome(name, "failed", _one_line(exc), seconds=round(time.perf_counter() - t0, 2), engine=engine)
@@ -200,13 +215,21 @@ def write_summary(out_dir: Path, outcomes: Sequence[SlideOutcome], meta: dict[st
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
     for o in outcomes:
-        w.writerow(["" if v is None else (f"{v:.6f}".rstrip("0").rstrip(".") if isinstance(v, float) else v)
-                    for v in (getattr(o, c) for c in COLUMNS)])
+        w.writerow([_cell(getattr(o, c)) for c in COLUMNS])
     write_bytes(out_dir / SUMMARY_CSV, buf.getvalue().encode())
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed")}
     body = {**meta, "slides": len(outcomes), **counts, "rows": [asdict(o) for o in outcomes]}
     write_bytes(out_dir / SUMMARY_JSON, json.dumps(body, indent=1).encode())
     return [out_dir / SUMMARY_CSV, out_dir / SUMMARY_JSON]
+
+
+def _cell(v: object) -> object:
+    """A value as cohort.csv writes it: plain decimals, true / false, empty for unknown."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f"{v:.6f}".rstrip("0").rstrip(".") if isinstance(v, float) else v
 
 
 def read_summary(path: Path) -> dict[str, SlideOutcome]:
@@ -224,6 +247,8 @@ def read_summary(path: Path) -> dict[str, SlideOutcome]:
                 v = r.get(f.name, "")
                 if f.type == "str":
                     kw[f.name] = v
+                elif f.type == "bool | None":
+                    kw[f.name] = {"true": True, "false": False}.get(v)
                 else:
                     kw[f.name] = float(v) if v not in ("", None) else f.default
             out[kw["slide"]] = SlideOutcome(**kw)

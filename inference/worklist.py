@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.calls import FOUND, NOT_FOUND, UNCERTAIN, call_of_text
 from inference.cohort import SUMMARY_CSV, SlideOutcome, figures, find_slides, read_summary
 from inference.errors import UserError
 from inference.model import LoadedModel, pick_device
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 THUMB_PX = 72
 #: The cohort figures a worklist row shows (names shared with inference.cohort's summary).
-FIGURES = ("idc_fraction", "idc_area_um2", "largest_idc_region_um2", "max_probability")
+FIGURES = ("slide_call", "slide_score", "out_of_domain", "domain_score", "idc_fraction", "idc_area_um2",
+           "largest_idc_region_um2", "max_probability")
 DEFAULT_SETTINGS = PredictSettings()
 
 
@@ -38,6 +40,10 @@ class WorklistRow:
     #: computed | computed (another model) | partly computed | not computed | failed | unreadable
     status: str = "not computed"
     reason: str = ""
+    slide_call: str = ""  # "IDC found", "no IDC found", "uncertain" (inference.calls)
+    slide_score: float | None = None
+    out_of_domain: bool | None = None
+    domain_score: float | None = None
     idc_fraction: float | None = None
     idc_area_um2: float | None = None
     largest_idc_region_um2: float | None = None
@@ -74,7 +80,7 @@ def describe(path: Path, model: LoadedModel | None, settings: PredictSettings = 
             row = WorklistRow(path, slide.dimensions, slide.mpp, thumbnail=slide.thumbnail(THUMB_PX))
             hm = cached_heatmap(slide, model, settings) if model is not None and slide.mpp else None
             if hm is not None and hm.complete:
-                f = figures(hm, slide.mpp)
+                f = figures(hm, slide.mpp, model.meta)
                 return replace(row, status="computed", **{k: f[k] for k in FIGURES})
             if summary is not None and summary.status in ("done", "skipped", "failed"):
                 status = "failed" if summary.status == "failed" else "computed"
@@ -89,6 +95,23 @@ def describe(path: Path, model: LoadedModel | None, settings: PredictSettings = 
             return row
     except UserError as exc:
         return WorklistRow(path, status="unreadable", reason=str(exc))
+
+
+def priority(row: WorklistRow) -> tuple[int, float, float]:
+    """The worklist's default order, most urgent first (sort ascending by this key).
+
+    Slides the model calls positive come first, then uncertain ones, then those it clears, each
+    by slide score, highest first (then IDC fraction, for a model without a slide call); slides
+    outside the model's domain follow, unranked by a burden the model cannot vouch for; slides
+    without figures come last.
+    """
+    if row.out_of_domain:
+        return (3, 0.0, 0.0)
+    if not row.slide_call and row.slide_score is None and row.idc_fraction is None:
+        return (4, 0.0, 0.0)
+    call = call_of_text(row.slide_call)
+    rank = {FOUND: 0, UNCERTAIN: 1, NOT_FOUND: 2}[call] if row.slide_call else 1
+    return (rank, -(row.slide_score or 0.0), -(row.idc_fraction or 0.0))
 
 
 def needs_heatmap(row: WorklistRow) -> bool:

@@ -1,11 +1,12 @@
-"""The worklist tab: a folder's slides ranked by IDC burden; open one with its heatmap at once."""
+"""The worklist tab: a folder's slides ranked by the model's slide call and score (slides outside
+the model's domain apart); open one with its heatmap at once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, Signal, Slot
-from PySide6.QtGui import QIcon, QPixmap
+from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QHeaderView,
@@ -24,26 +25,30 @@ from inference.worklist import (
     compute_missing,
     list_folder,
     needs_heatmap,
+    priority,
     scan,
 )
 from viewer.layers import array_to_qimage
 from viewer.session import SlideSession
 from viewer.workers import JobRunner
 
-COLUMNS = ("", "Slide", "Size (px)", "\u00b5m/px", "Heatmap", "IDC fraction", "IDC mm\u00b2", "Largest mm\u00b2",
-           "Max P(IDC)")
-BURDEN_COLUMN = 5
+COLUMNS = ("", "Slide", "Size (px)", "\u00b5m/px", "Heatmap", "Slide call", "Slide score", "IDC fraction",
+           "IDC mm\u00b2", "Largest mm\u00b2", "Max P(IDC)")
+#: Sorting this column ascending gives the default order (inference.worklist.priority).
+CALL_COLUMN = 5
 
 
 class _Item(QTableWidgetItem):
     """A cell that sorts by a number (missing values last in descending order)."""
 
-    def __init__(self, text: str, key: float | str | None = None) -> None:
+    def __init__(self, text: str, key: float | str | tuple[float, ...] | None = None) -> None:
         super().__init__(text)
         self.key = key
 
     def __lt__(self, other: QTableWidgetItem) -> bool:
         a, b = self.key, getattr(other, "key", None)
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            return a < b
         if isinstance(a, str) or isinstance(b, str):
             return str(a or "") < str(b or "")
         return (-1.0 if a is None else a) < (-1.0 if b is None else b)
@@ -71,7 +76,8 @@ class WorklistTab(QWidget):
         self.computer.failed.connect(self._on_computer_failed)
         layout = QVBoxLayout(self)
         top = QHBoxLayout()
-        self.folder_label = QLabel("File > Open folder shows a folder's slides here, the highest IDC burden first.")
+        self.folder_label = QLabel("File > Open folder shows a folder's slides here, the slides the model "
+                                   "calls positive first.")
         top.addWidget(self.folder_label, 1)
         self.compute_button = QPushButton("Compute missing heatmaps")
         self.compute_button.clicked.connect(self.compute_missing)
@@ -133,8 +139,14 @@ class WorklistTab(QWidget):
             thumb.setIcon(QIcon(QPixmap.fromImage(array_to_qimage(r.thumbnail))))
         size = _Item(f"{r.dimensions[0]:,} x {r.dimensions[1]:,}" if r.dimensions else "\u2014",
                      float(r.dimensions[0] * r.dimensions[1]) if r.dimensions else None)
-        cells = [thumb, name, size, _num(r.mpp, ".3f"), _Item(r.status, r.status),
-                 _num(r.idc_fraction, ".1%"), _num(r.idc_area_um2, ",.2f", 1e-6),
+        call = _Item(_call_words(r), priority(r))
+        if r.out_of_domain:
+            call.setForeground(QColor(160, 0, 0))
+            call.setToolTip("The slide lies outside what the model was trained on (colour score "
+                            f"{r.domain_score:.1f}): its burden is not ranked." if r.domain_score is not None
+                            else "The slide lies outside what the model was trained on: its burden is not ranked.")
+        cells = [thumb, name, size, _num(r.mpp, ".3f"), _Item(r.status, r.status), call,
+                 _num(r.slide_score, ".2f"), _num(r.idc_fraction, ".1%"), _num(r.idc_area_um2, ",.2f", 1e-6),
                  _num(r.largest_idc_region_um2, ",.2f", 1e-6), _num(r.max_probability, ".2f")]
         for c, item in enumerate(cells):
             self.table.setItem(at, c, item)
@@ -153,11 +165,12 @@ class WorklistTab(QWidget):
         self.rows[i] = row
         self._fill(i)
         if i == len(self.rows) - 1:
-            self.sort_by_burden()
+            self.sort_by_priority()
         self._update_controls()
 
-    def sort_by_burden(self) -> None:
-        self.table.sortItems(BURDEN_COLUMN, Qt.SortOrder.DescendingOrder)
+    def sort_by_priority(self) -> None:
+        """The default order: positive calls first, by slide score; out-of-domain slides apart."""
+        self.table.sortItems(CALL_COLUMN, Qt.SortOrder.AscendingOrder)
 
     # -- opening ----------------------------------------------------------------------------
     def path_at(self, table_row: int) -> Path | None:
@@ -216,7 +229,7 @@ class WorklistTab(QWidget):
     @Slot(bool)
     def _on_computer_finished(self, completed: bool) -> None:
         if completed:
-            self.sort_by_burden()
+            self.sort_by_priority()
             self.folder_label.setText(f"{self.folder}: every heatmap computed.")
         self._update_controls()
 
@@ -234,3 +247,10 @@ class WorklistTab(QWidget):
     def shutdown(self) -> None:
         self.scanner.shutdown()
         self.computer.shutdown()
+
+
+def _call_words(row: WorklistRow) -> str:
+    """The slide call as the worklist shows it; out-of-domain slides say so first."""
+    if row.out_of_domain:
+        return "\u26a0 out of domain (" + (row.slide_call or "uncertain") + ")"
+    return row.slide_call or "\u2014"

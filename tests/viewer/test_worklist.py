@@ -1,4 +1,5 @@
-"""Worklist: a folder's slides, IDC burden first; open with the heatmap; compute missing; cancel."""
+"""Worklist: a folder's slides, positive calls first, out-of-domain slides apart; open with the
+heatmap; compute missing; cancel."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from viewer.main_window import MainWindow
 
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    """Two real-tissue crops of the demo slide with a cohort.csv from `predict`, one without any
-    heatmap (the CMU slide), and a broken file."""
+    """Two real-tissue crops of the demo slide with a cohort.csv from `predict` (one of tumour, one
+    of fat and stroma), one without any heatmap (the CMU skin slide, outside the model's domain),
+    and a broken file."""
     d = tmp_path / "cases"
     d.mkdir()
     with open_slide(DEMO) as s:
-        for name, (x, y) in {"tumour.tif": (1500, 1000), "edge.tif": (200, 1900)}.items():
+        for name, (x, y) in {"tumour.tif": (2400, 1500), "edge.tif": (200, 1900)}.items():
             write_pyramid_from_array(d / name, s.read(Rect(x, y, 400, 300), (400, 300)), 4.0, downsamples=(1, 4))
     assert main(["predict", str(d / "tumour.tif"), str(d / "edge.tif"), "--out", str(d / "heatmaps")]) == 0
     shutil.copy(CMU_SVS, d / "cmu.svs")
@@ -47,7 +49,7 @@ def names_in_order(window: MainWindow) -> list[str]:
     return [t.item(r, 1).text() for r in range(t.rowCount())]
 
 
-def test_worklist_sorts_by_burden_opens_computes_and_cancels(qtbot, window: MainWindow, folder: Path) -> None:
+def test_worklist_ranks_by_call_opens_computes_and_cancels(qtbot, window: MainWindow, folder: Path) -> None:
     tab = window.worklist
     assert window.open_folder(folder) == 4
     assert window.tabs.currentWidget() is tab
@@ -55,12 +57,13 @@ def test_worklist_sorts_by_burden_opens_computes_and_cancels(qtbot, window: Main
     rows = {r.path.name: r for r in tab.rows}
     assert rows["tumour.tif"].status == rows["edge.tif"].status == "computed"  # from cohort.csv
     assert rows["cmu.svs"].status == "not computed" and rows["broken.svs"].status == "unreadable"
-    assert rows["tumour.tif"].idc_fraction > rows["edge.tif"].idc_fraction
+    assert (rows["tumour.tif"].slide_call, rows["edge.tif"].slide_call) == ("IDC found", "no IDC found")
+    assert rows["tumour.tif"].slide_score > rows["edge.tif"].slide_score and rows["edge.tif"].idc_fraction == 0
     order = names_in_order(window)
-    assert order[:2] == ["tumour.tif", "edge.tif"]  # IDC burden first
-    tab.table.sortItems(1)  # by name, then back to burden
+    assert order[:2] == ["tumour.tif", "edge.tif"]  # positive calls first
+    tab.table.sortItems(1)  # by name, then back to the default order
     assert names_in_order(window) == sorted(order)
-    tab.sort_by_burden()
+    tab.sort_by_priority()
     # Compute the one missing heatmap in the background, cancel once, then let it finish.
     tab.compute_missing()
     assert tab.cancel_button.isEnabled()
@@ -69,7 +72,12 @@ def test_worklist_sorts_by_burden_opens_computes_and_cancels(qtbot, window: Main
     assert not tab.cancel_button.isEnabled() and {r.path.name: r for r in tab.rows}["cmu.svs"].status != "computed"
     with qtbot.waitSignal(tab.computer.finished, timeout=120_000):
         tab.compute_missing()
-    assert {r.path.name: r for r in tab.rows}["cmu.svs"].status == "computed"
+    cmu = {r.path.name: r for r in tab.rows}["cmu.svs"]
+    assert cmu.status == "computed" and cmu.out_of_domain and cmu.slide_call == "uncertain"
+    # The skin slide is marked and not ranked by its burden: after every in-domain slide.
+    assert names_in_order(window) == ["tumour.tif", "edge.tif", "cmu.svs", "broken.svs"]
+    call_item = tab.table.item(2, 5)
+    assert call_item.text().startswith("\u26a0 out of domain") and "not ranked" in call_item.toolTip()
     # Double-click opens the slide with its heatmap at once (cached); Alt+Down walks the list.
     cmu_row = names_in_order(window).index("cmu.svs")
     tab.open_row(cmu_row)
