@@ -5,6 +5,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QColor, QIcon, QPixmap
 from PySide6.QtWidgets import (
+    QCheckBox,
     QColorDialog,
     QComboBox,
     QDoubleSpinBox,
@@ -86,10 +87,18 @@ class AnnotationPanel(QWidget):
 
         box = QGroupBox("Regions from the heatmap")
         form = QFormLayout(box)
+        self.region_calls = QCheckBox("The model's calls on this slide")
+        self.region_calls.setToolTip("The cells the model calls IDC, as the cohort figures, the report and the "
+                                     "worklist count them (none on a slide it calls free of IDC). Untick to "
+                                     "choose a probability yourself.")
+        self.region_calls.setChecked(True)
+        form.addRow(self.region_calls)
         self.region_threshold = QDoubleSpinBox()
         self.region_threshold.setRange(0.0, 1.0)
         self.region_threshold.setSingleStep(0.05)
         self.region_threshold.setValue(0.5)
+        self.region_threshold.setEnabled(False)
+        self.region_calls.toggled.connect(self._on_region_calls_toggled)
         form.addRow("P(IDC) \u2265", self.region_threshold)
         self.region_min_area = QDoubleSpinBox()
         self.region_min_area.setRange(0.0, 1e6)
@@ -264,12 +273,17 @@ class AnnotationPanel(QWidget):
         self.refresh()
         self.visible_classes_changed.emit(None if text in ("", ALL) else {text})
 
+    @Slot(bool)
+    def _on_region_calls_toggled(self, on: bool) -> None:
+        self.region_threshold.setEnabled(not on)
+
     @Slot()
     def create_regions(self) -> None:
-        """Threshold the heatmap into editable IDC polygons (one undo step)."""
+        """The model's calls (or the cells at a chosen probability) as editable IDC polygons (one undo step)."""
         if self.store is None or self.heatmap is None:
             return
-        regions = regions_from_heatmap(self.heatmap, self.region_threshold.value(),
+        threshold = None if self.region_calls.isChecked() else self.region_threshold.value()
+        regions = regions_from_heatmap(self.heatmap, threshold,
                                        self.region_min_area.value() * 1e6, self.mpp)
         if regions:
             self.store.add(*regions)

@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 from PySide6.QtCore import Qt, Signal, Slot
-from PySide6.QtGui import QColor, QLinearGradient, QPainter, QPaintEvent
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -20,9 +20,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from inference.calls import FOUND, NOT_FOUND, call_text
 from inference.domain import warnings as domain_warnings
-from inference.heatmap import COLORMAPS, DEFAULT_COLORMAP, Heatmap, HeatmapInfo, colormap_lut
-from inference.model import LoadedModel, ModelMeta, pick_device
+from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo
+from inference.model import LoadedModel, pick_device
 from inference.patches import GridError
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Finished, Planned, cached_heatmap, infer
@@ -37,36 +38,13 @@ from inference.truth import (
     labels_path,
     load_truth,
 )
+from viewer.heatmap_legend import LegendBar, describe_model
 from viewer.layers import HeatmapLayer, OutlineLayer
 from viewer.session import SlideSession
 from viewer.slide_view import SlideView
 from viewer.workers import JobRunner
 
 log = logging.getLogger(__name__)
-
-
-class LegendBar(QWidget):
-    """The colour map from probability 0 to 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.colormap = DEFAULT_COLORMAP
-        self.setMinimumHeight(34)
-
-    def paintEvent(self, event: QPaintEvent) -> None:
-        p = QPainter(self)
-        lut = colormap_lut(self.colormap, 16)
-        grad = QLinearGradient(0, 0, self.width(), 0)
-        for i, (r, g, b) in enumerate(lut.tolist()):
-            grad.setColorAt(i / 15, QColor(r, g, b))
-        p.fillRect(0, 0, self.width(), 14, grad)
-        p.setPen(QColor(40, 40, 40))
-        for frac, text in ((0.0, "0"), (0.5, "0.5"), (1.0, "1  P(IDC)")):
-            x = int(frac * (self.width() - 1))
-            align = Qt.AlignmentFlag.AlignLeft if frac == 0 else (
-                Qt.AlignmentFlag.AlignRight if frac == 1 else Qt.AlignmentFlag.AlignHCenter)
-            left = x if frac == 0 else (x - 80 if frac == 1 else x - 40)
-            p.drawText(left, 16, 80, 16, align, text)
 
 
 class InferencePanel(QWidget):
@@ -92,6 +70,7 @@ class InferencePanel(QWidget):
         self.ground_truth: Truth | None = None
         # the heatmap they were found for, the cell labels, ambiguous cells, labels away from borders
         self._cell_labels: tuple[HeatmapInfo, np.ndarray, int, np.ndarray] | None = None
+        self._out_of_domain = False  # of the slide shown, from the domain warnings
         self.runner = JobRunner(self)
         self.runner.report.connect(self._on_runner_report)
         self.runner.failed.connect(self._on_runner_failed)
@@ -127,6 +106,9 @@ class InferencePanel(QWidget):
         layout.addWidget(self.progress)
         self.rate_label = QLabel("")
         layout.addWidget(self.rate_label)
+        self.call_label = QLabel("")  # the slide's answer (inference.calls)
+        self.call_label.setWordWrap(True)
+        layout.addWidget(self.call_label)
 
         form = QFormLayout()
         self.show_box = QCheckBox("Show heatmap (H)")
@@ -198,13 +180,8 @@ class InferencePanel(QWidget):
         if self.model is None:
             self.model_label.setText("No model loaded: the IDC heatmap is unavailable.")
         else:
-            m = self.model.meta
-            self.model_label.setText(
-                f"Model {self.model.model_id}: {m.patch_size}x{m.patch_size} px patches at "
-                f"{m.mpp:g} \u00b5m/px ({m.patch_size * m.mpp:.0f} \u00b5m{_field_of_view(m)}), threshold "
-                + (f"{m.context_threshold if m.context_threshold is not None else m.threshold:.2f}"
-                   + (", adapted to each slide's scores" if m.adapt else ""))
-            )
+            self.model_label.setText(describe_model(self.model))
+            self.legend.positive = self.model.meta.positive_class
 
     # -- session ----------------------------------------------------------------------------
     @Slot()
@@ -360,6 +337,7 @@ class InferencePanel(QWidget):
         self._on_style_changed()
         self.layer.setVisible(self.show_box.isChecked())
         self.session.set_heatmap(heatmap)
+        self._update_call()
         self._update_controls()
 
     def _remove_heatmap(self) -> None:
@@ -381,7 +359,7 @@ class InferencePanel(QWidget):
         default); once the user has moved the slider it stays where they put it, unless ``force``."""
         if self.heatmap is None or not (force or self.threshold.value() == self._followed):
             return
-        self._followed = round(self.heatmap.threshold * 100)
+        self._followed = round(min(self.heatmap.call_threshold, 1.0) * 100)
         self.threshold.setValue(self._followed)
 
     @Slot()
@@ -429,9 +407,33 @@ class InferencePanel(QWidget):
             return
         score = self.heatmap.domain_score(model.meta.domain) if self.heatmap is not None else None
         texts = domain_warnings(slide.mpp, model.meta, score)
+        self._out_of_domain = bool(texts)
         self.domain_label.setText("\n".join(f"\u26a0 {t}" for t in texts))
         if texts:
             self.status_message.emit(texts[0])
+        self._update_call()
+
+    def _update_call(self) -> None:
+        """The slide's answer: its call and calibrated score, once every tissue cell is computed."""
+        hm, model = self.heatmap, self.model
+        if hm is None or model is None or hm.info.slide_call is None:
+            self.call_label.setText("")
+            return
+        positive = model.meta.positive_class
+        if not hm.complete:
+            self.call_label.setText(f"Slide call ({positive} found, no {positive} found or uncertain): "
+                                    "when the heatmap is complete.")
+            self.call_label.setStyleSheet("")
+            return
+        call, score = hm.slide_call(self._out_of_domain), hm.slide_score
+        text = f"Slide: {call_text(call, positive)} (slide score {score:.2f})"
+        if self._out_of_domain:
+            text += ": the slide lies outside the model's domain, so its score is not vouched for"
+        elif call == NOT_FOUND:
+            text += (f"; no cell is called {positive}. Lower 'Show P \u2265' to see the probabilities.")
+        colour = {FOUND: "#a00000", NOT_FOUND: "#006000"}.get(call, "#805000")
+        self.call_label.setStyleSheet(f"QLabel {{ color: {colour}; font-weight: bold; }}")
+        self.call_label.setText(text)
 
     def _truth_labels(self) -> tuple[HeatmapInfo, np.ndarray, int, np.ndarray] | None:
         """The shown heatmap's cell labels from the ground truth (found once per heatmap)."""
@@ -450,8 +452,9 @@ class InferencePanel(QWidget):
         a = agreement(self.heatmap, labels, ambiguous)
         if a is not None and 0 < a.idc_cells < a.cells:
             m = a.metrics
+            at = f"at threshold {m.threshold:.2f}" if np.isfinite(m.threshold) else "with no cell called"
             text = (f"Agreement with the ground truth ({a.cells} labelled cells): AUC {m.auc:.3f}, "
-                    f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} at threshold {m.threshold:.2f}; "
+                    f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} {at}; "
                     f"{m.fp:.0f} cells called IDC against the truth, {m.fn:.0f} IDC cells missed.")
             inner = agreement(self.heatmap, inner_labels, ambiguous)
             if inner is not None and 0 < inner.idc_cells < inner.cells and inner.cells < a.cells:
@@ -485,27 +488,3 @@ class InferencePanel(QWidget):
             return None
         p = self.heatmap.prob[cell]
         return float(p) if np.isfinite(p) else None
-
-
-def _field_of_view(meta: ModelMeta) -> str:
-    """What the network, or each network of an ensemble, sees around a patch."""
-    def around(m: ModelMeta) -> str:
-        view = f"with {m.margin * m.mpp:.0f} \u00b5m around it" if m.margin else "alone"
-        return view if m.mpp == meta.mpp else f"at {m.mpp:g} \u00b5m/px {view}"
-
-    if meta.members:
-        # Networks with the same architecture and view are named once ("2 EfficientNet-Lite0 see ...").
-        views: dict[tuple[str, str], list[float]] = {}
-        for m, share in zip(meta.members, meta.shares, strict=True):
-            views.setdefault((m.meta.arch.name, around(m.meta)), []).append(share)
-        parts = []
-        for (name, view), shares in views.items():
-            who = f"{name} sees" if len(shares) == 1 else f"{len(shares)} {name} see"
-            shown = [f"{s:.2g}" for s in shares]
-            if len(set(shown)) > 1:
-                weight = " / ".join(shown)
-            else:
-                weight = shown[0] + (" each" if len(shown) > 1 else "")
-            parts.append(f"{who} the patch {view} (weight {weight})")
-        return "; " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
-    return f", each seen {around(meta)}" if meta.margin else ""
