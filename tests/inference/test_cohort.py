@@ -121,3 +121,28 @@ def test_ctrl_c_leaves_every_finished_slide_complete(cohort_dir: Path, tmp_path:
     assert list(rows) == ["case0.tif"] and rows["case0.tif"].status == "done"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("case")) == [f"case0{s}" for s in sorted(OUTPUT_SUFFIXES)]
     assert not list(out.glob(".*.part*"))  # no half-written file left (inference.atomic names)
+
+
+def test_cohort_csv_carries_the_slide_call_and_flags_the_skin_slide(tmp_path: Path) -> None:
+    """The CMU skin slide (no breast tissue) is out of the model's domain in the data, with its
+    colour score, and its call is uncertain; the demo breast slide is in domain and called IDC.
+    The columns read back as they were written, and the cohort's area follows the calls."""
+    from tests.conftest import CMU_SVS
+
+    out = tmp_path / "out"
+    assert main(["predict", str(CMU_SVS), str(DEMO), "--out", str(out), "--device", "cpu"]) == 0
+    with open(out / "cohort.csv", newline="") as fh:
+        raw = {r["slide"]: r for r in csv.DictReader(fh)}
+    rows = read_summary(out / "cohort.csv")
+    cmu, demo = rows[CMU_SVS.name], rows[DEMO.name]
+    assert raw[CMU_SVS.name]["out_of_domain"] == "true" and cmu.out_of_domain is True
+    assert cmu.slide_call == "uncertain" and cmu.domain_score > 5.91
+    assert demo.out_of_domain is False and demo.slide_call == "IDC found" and demo.slide_score > 0.9
+    body = json.loads((out / "cohort.json").read_text())
+    assert {r["slide"]: r["slide_call"] for r in body["rows"]} == {CMU_SVS.name: "uncertain", DEMO.name: "IDC found"}
+    # The area of IDC in the summary is the area of the cells the model calls.
+    from inference.heatmap import Heatmap
+
+    hm = Heatmap.load(out / f"{DEMO.stem}.heatmap.npz")
+    cell_um2 = (hm.grid.stride_l0 * 4.0) ** 2
+    assert demo.idc_area_um2 == pytest.approx(hm.called.sum() * cell_um2)
