@@ -7,7 +7,16 @@ import pytest
 import shapely
 
 from inference.calibration import calibrate
-from inference.calls import FOUND, NOT_FOUND, UNCERTAIN, SlideCallPolicy, call_of_text, call_text, fit_platt, fit_policy
+from inference.calls import (
+    FOUND,
+    NOT_FOUND,
+    UNCERTAIN,
+    SlideCallPolicy,
+    call_of_text,
+    call_text,
+    fit_platt,
+    fit_policy,
+)
 from inference.context import ThresholdAdapt, sigmoid
 from inference.truth import Truth, agreement, cell_truth, disagreements
 from tests.inference.test_slide_eval import make_heatmap
