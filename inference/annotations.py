@@ -33,6 +33,7 @@ class AnnotationClass:
 DEFAULT_CLASSES: tuple[AnnotationClass, ...] = (
     AnnotationClass("IDC", (220, 30, 30)),
     AnnotationClass("Non-IDC", (30, 160, 60)),
+    AnnotationClass("Metastasis", (200, 40, 160)),
     AnnotationClass("Tissue", (40, 90, 220)),
     AnnotationClass("Other", (150, 150, 150)),
 )
@@ -201,14 +202,15 @@ class AnnotationStore:
 
 def regions_from_heatmap(heatmap: Heatmap, threshold: float | None = None, min_area_um2: float = 0.0,
                          mpp: float | None = None) -> list[Annotation]:
-    """Editable IDC polygons: the cells the model calls (``threshold`` None: :attr:`Heatmap.called`,
+    """Editable polygons of the model's positive class ("IDC region N", "Metastasis region N"): the cells it calls (``threshold`` None: :attr:`Heatmap.called`,
     as the cohort figures count them), or the cells at or above ``threshold``, merged on the grid.
 
     Edges follow the cell grid with one vertex per corner (collinear points removed); holes are
     kept; regions smaller than ``min_area_um2`` are dropped (needs ``mpp``).
     """
     mask = heatmap.called if threshold is None else np.nan_to_num(heatmap.prob, nan=-1.0) >= threshold
-    return regions_from_cells(heatmap.grid, mask, "IDC", "IDC region", min_area_um2, mpp)
+    positive = heatmap.info.positive
+    return regions_from_cells(heatmap.grid, mask, positive, f"{positive} region", min_area_um2, mpp)
 
 
 def regions_from_cells(grid: PatchGrid, mask: np.ndarray, cls: str, name: str, min_area_um2: float = 0.0,

@@ -142,7 +142,9 @@ def figures(heatmap: Heatmap, mpp: float, meta: ModelMeta) -> dict[str, Any]:
 
 def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = DEFAULT_COLORMAP,
                   mpp: float | None = None, min_area_um2: float = 0.0) -> list[Path]:
-    """Write <stem>.heatmap.npz/.heatmap.png/.patches.csv and IDC regions <stem>.idc.geojson."""
+    """Write <stem>.heatmap.npz/.heatmap.png/.patches.csv and the regions the model calls,
+    <stem>.<class>.geojson in the model's positive class (``idc``, ``metastasis``)."""
+    label = heatmap.info.positive.lower()
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = heatmap.save(out_dir / f"{stem}.heatmap.npz")
     png = out_dir / f"{stem}.heatmap.png"
@@ -152,14 +154,14 @@ def write_outputs(heatmap: Heatmap, out_dir: Path, stem: str, colormap: str = DE
     rows, cols = np.nonzero(heatmap.patch_done)
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["row", "col", "x_l0", "y_l0", "w_l0", "h_l0", "prob_idc"])
+        w.writerow(["row", "col", "x_l0", "y_l0", "w_l0", "h_l0", f"prob_{label}"])
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             rect = heatmap.grid.patch_rect(r, c)
             w.writerow([r, c, rect.x, rect.y, rect.w, rect.h, f"{heatmap.patch_prob[r, c]:.6f}"])
     # Ids from the heatmap and each region's rank: the same heatmap always writes the same file.
     regions = [replace(r, id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"idc-heatmap:{heatmap.info.key()}:{r.name}")))
                for r in regions_from_heatmap(heatmap, None, min_area_um2, mpp)]
-    geojson = out_dir / f"{stem}.idc.geojson"
+    geojson = out_dir / f"{stem}.{label}.geojson"
     write_bytes(geojson, dumps_geojson(regions, AnnotationStore()))
     return [npz, png, csv_path, geojson]
 

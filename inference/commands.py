@@ -19,7 +19,7 @@ from inference.model import LoadedModel, load_checkpoint, pick_device
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Planned
 from inference.slide import open_slide
-from resources import shipped_model_path
+from resources import model_path as resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def run_predict(args: Any) -> int:
         raise cohort.CohortError("No slide files were found in the paths given.")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails now, not after the work
-    model_path = str(args.model or shipped_model_path())
+    model_path = str(resolve_model(args.model))
     device = pick_device(args.device)
     model = load_checkpoint(model_path, device)
     settings = PredictSettings(stride_px=args.stride, batch_size=args.batch_size)

@@ -43,16 +43,36 @@ def patch_stats(images: np.ndarray) -> np.ndarray:
     return np.concatenate([od.mean(1), hed.mean(1), od.std(1)], axis=1).astype(np.float32)
 
 
-def fit_domain(stats: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
-    """Domain statistics of training patches' colour statistics (n, 9) and their patients."""
+def fit_domain(stats: np.ndarray, groups: np.ndarray, ridge: float = 0.0) -> dict[str, Any]:
+    """Domain statistics of training patches' colour statistics (n, 9) and their patients.
+
+    ``ridge`` adds that share of each statistic's variance to the covariance's diagonal: colour
+    groups (:func:`colour_groups`) spread along the colours they were clustered on and hardly
+    across them, and without it a slide of the same data set's patches scored 21 against a limit
+    of 6.4 (with 0.01: 3.1 against 5.3)."""
     medians = np.stack([np.median(stats[groups == g], axis=0) for g in np.unique(groups)])
     mean = medians.mean(axis=0)
-    inv_cov = np.linalg.inv(np.cov(medians.T) + 1e-9 * np.eye(medians.shape[1]))
+    cov = np.cov(medians.T)
+    inv_cov = np.linalg.inv(cov + ridge * np.diag(np.diag(cov)) + 1e-9 * np.eye(medians.shape[1]))
     domain: dict[str, Any] = {"statistic": "colour-od-hed-v1", "mean": mean.tolist(),
                               "inv_cov": inv_cov.tolist(), "patients": len(medians)}
     dists = [distance(m, domain) for m in medians]
     domain["score_limit"] = round(float(np.percentile(dists, LIMIT_PERCENTILE)), 4)
     return domain
+
+
+def colour_groups(stats: np.ndarray, k: int = 64, seed: int = 0, iterations: int = 25) -> np.ndarray:
+    """Group patches of a data set without slide ids (PatchCamelyon) by colour, as stand-ins for the
+    slides they came from: k-means over standardised statistics, a patch's group is its cluster.
+    Slides differ mostly by stain and scanner, so a cluster gathers patches that look alike as a
+    slide's do, and the clusters' medians spread as slides' medians would."""
+    z = (stats - stats.mean(0)) / (stats.std(0) + 1e-9)
+    rng = np.random.default_rng(seed)
+    centres = z[rng.choice(len(z), size=min(k, len(z)), replace=False)]
+    for _ in range(iterations):
+        labels = np.argmin(((z[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+        centres = np.stack([z[labels == c].mean(0) if (labels == c).any() else centres[c] for c in range(len(centres))])
+    return np.argmin(((z[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
 
 
 def distance(slide_median: np.ndarray, domain: dict[str, Any]) -> float:
@@ -70,12 +90,15 @@ def slide_score(stats: np.ndarray, domain: dict[str, Any]) -> float | None:
 
 def warnings(slide_mpp: float | None, meta: ModelMeta, score: float | None) -> list[str]:
     """One sentence per reason the slide may lie outside the model's training domain."""
+    from inference.tasks import task_of  # no torch: tasks is plain data
+
+    tissue = task_of(meta.task).tissue
     out = []
     if slide_mpp is not None and slide_mpp > meta.mpp * MAX_MPP_RATIO:
         out.append(f"The slide is scanned at {slide_mpp:.2f} \u00b5m/px, coarser than the model's "
                    f"{meta.mpp:g} \u00b5m/px: it is upsampled, which the model was not trained on.")
     limit = meta.domain.get("score_limit")
     if score is not None and limit is not None and score > limit:
-        out.append(f"The tissue looks unlike the breast H&E the model was trained on (colour score "
+        out.append(f"The tissue looks unlike the H&E {tissue} the model was trained on (colour score "
                    f"{score:.1f} above {limit:.1f}): another organ, stain or scanner; read the heatmap with care.")
     return out

@@ -65,10 +65,11 @@ class HeatmapInfo:
     context_threshold: float | None = None  # decision threshold on the context map (not in the key)
     threshold_adapt: ThresholdAdapt | None = None  # thresholds follow the slide's scores (not in the key)
     slide_call: SlideCallPolicy | None = None  # the slide score and call (inference.calls; not in the key)
+    positive: str = "IDC"  # the model's name for what it finds: regions and reports say it (not in the key)
 
     def key(self) -> str:
         d = {**asdict(self), "grid_version": GRID_VERSION}
-        for name in ("threshold", "context_threshold", "threshold_adapt", "slide_call"):
+        for name in ("threshold", "context_threshold", "threshold_adapt", "slide_call", "positive"):
             d.pop(name)
         if not d["context_sigma"]:
             d.pop("context_sigma")  # keys of heatmaps without context are unchanged
@@ -286,7 +287,8 @@ class Heatmap:
                                meta["min_tissue"], meta.get("threshold", 0.5),
                                meta.get("context_sigma", 0.0), meta.get("context_threshold"),
                                ThresholdAdapt(**meta["threshold_adapt"]) if meta.get("threshold_adapt") else None,
-                               SlideCallPolicy(**meta["slide_call"]) if meta.get("slide_call") else None)
+                               SlideCallPolicy(**meta["slide_call"]) if meta.get("slide_call") else None,
+                               meta.get("positive", "IDC"))
             if z["tissue"].shape != info.grid.patch_shape or z["sum"].shape != info.grid.cell_shape:
                 raise ValueError(f"{Path(path).name} does not match its grid (written by another version).")
             hm = cls(info, z["tissue"])

@@ -26,6 +26,7 @@ from inference.calls import SlideCallPolicy
 from inference.context import ThresholdAdapt
 from inference.efficientnet import EfficientNetLite
 from inference.errors import UserError
+from inference.tasks import TASKS
 
 FORMAT = "idc-viewer-checkpoint/1"
 
@@ -104,6 +105,8 @@ class ModelMeta:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     classes: tuple[str, str] = ("Non-IDC", "IDC")
+    #: What the model finds (inference.tasks): "idc", "metastasis".
+    task: str = "idc"
     threshold: float = 0.5
     #: Tissue context (inference.context): Gaussian neighbourhood in cells and the threshold of
     #: that map, both chosen on validation slides; 0 means the per-patch map only.
@@ -128,6 +131,8 @@ class ModelMeta:
     def __post_init__(self) -> None:
         if not 0 <= self.margin <= 4 * self.patch_size:
             raise ModelError(f"The margin around each patch must be 0 to {4 * self.patch_size} px, not {self.margin}.")
+        if self.task not in TASKS:
+            raise ModelError(f"The model's task {self.task!r} is not one this viewer knows ({', '.join(TASKS)}).")
         if (self.arch.family == ENSEMBLE) != bool(self.members):
             raise ModelError("An ensemble's metadata must list its networks, and only an ensemble's may.")
         if not self.members:
@@ -159,7 +164,7 @@ class ModelMeta:
 
     @property
     def positive_class(self) -> str:
-        """The name of the class the model finds ("IDC")."""
+        """The name of the class the model finds ("IDC", "Metastasis")."""
         return self.classes[1]
 
     @property
@@ -304,7 +309,7 @@ def ensemble(models: list[LoadedModel], weights: list[float]) -> tuple[Ensemble,
     meta = ModelMeta(arch=Architecture(family=ENSEMBLE), patch_size=finest.patch_size, mpp=finest.mpp,
                      margin=max(m.meta.margin * k for m, k in zip(models, factors, strict=True)),  # type: ignore[operator]
                      mean=IDENTITY[0], std=IDENTITY[1],
-                     classes=first.classes, members=members, provenance=provenance)
+                     classes=first.classes, task=first.task, members=members, provenance=provenance)
     net = Ensemble(meta)
     for slot, m in zip(net.members, models, strict=True):
         slot.load_state_dict(m.net.state_dict())

@@ -69,7 +69,8 @@ def heatmap_info(slide: Slide, model: LoadedModel, settings: PredictSettings) ->
     meta = model.meta
     grid = PatchGrid.build(slide.dimensions, slide.mpp, meta.mpp, meta.patch_size, settings.stride_px)
     return HeatmapInfo(slide.fingerprint(), model.model_id, grid, settings.min_tissue, meta.threshold,
-                       meta.context_sigma, meta.context_threshold, meta.adapt, meta.call_policy)
+                       meta.context_sigma, meta.context_threshold, meta.adapt, meta.call_policy,
+                       meta.positive_class)
 
 
 def plan(slide: Slide, model: LoadedModel, settings: PredictSettings) -> Heatmap:

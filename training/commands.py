@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from inference.model import Architecture, ensemble, load_checkpoint, save_checkpoint
+from inference.tasks import IDC, task_of
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
 from training.session import CompareReport, DataReport, FolderSource, SessionConfig
 from training.session import run as run_session
@@ -18,8 +19,9 @@ from training.session import run as run_session
 DEMO_PATIENT = "8975"
 
 
-def folder_sources(args: Any) -> tuple[FolderSource, ...]:
-    return tuple(FolderSource(str(d), tuple(args.exclude_patient), args.limit_per_patient) for d in args.data)
+def folder_sources(args: Any, folders: Any = None) -> tuple[FolderSource, ...]:
+    return tuple(FolderSource(str(d), tuple(args.exclude_patient), args.limit_per_patient)
+                 for d in (args.data if folders is None else folders))
 
 
 def run_train(args: Any) -> int:
@@ -27,6 +29,12 @@ def run_train(args: Any) -> int:
         raise ValueError("--distill sets the teacher's share of the targets; give the teacher with --teacher.")
     if args.init and args.model_mpp is not None:
         raise ValueError("A fine-tuned model keeps its start model's resolution; leave out --model-mpp with --init.")
+    if args.test_data and not args.val_data:
+        raise ValueError("--test-data goes with --val-data, the data set's own split.")
+    task = task_of(load_checkpoint(args.init).meta.task if args.init else args.task)
+    if args.model_mpp is not None and task is not IDC and args.model_mpp != task.mpp:
+        raise ValueError(f"The {task.name} task's images are read as they are, at {task.mpp:g} um/px; leave out --model-mpp.")
+    margin = args.margin if args.margin is not None else (TrainConfig.margin if task is IDC else task.margin)
     config = TrainConfig(
         out=args.out,
         arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch, stem_stride=args.stem_stride),
@@ -39,8 +47,8 @@ def run_train(args: Any) -> int:
         device=args.device,
         init=args.init,
         imagenet=args.imagenet,
-        margin=args.margin,
-        mpp=TrainConfig.mpp if args.model_mpp is None else args.model_mpp,
+        margin=margin,
+        mpp=(TrainConfig.mpp if task is IDC else task.mpp) if args.model_mpp is None else args.model_mpp,
         freeze_trunk=args.freeze_trunk,
         augment=not args.no_augment,
         jpeg_augment=not args.no_jpeg_augment,
@@ -50,9 +58,11 @@ def run_train(args: Any) -> int:
         teacher=args.teacher,
         distill=TrainConfig.distill if args.distill is None else args.distill,
         hard_negatives=args.hard_negatives,
+        task=task.name,
     )
     session = SessionConfig(folder_sources(args), config, args.val_fraction, args.test_fraction,
-                            split_from=args.split_from)
+                            split_from=args.split_from, val_sources=folder_sources(args, args.val_data),
+                            test_sources=folder_sources(args, args.test_data))
     bar = None
     done: DoneReport | None = None
     for report in run_session(session):

@@ -27,7 +27,7 @@ from inference.annotations import AnnotationStore
 from inference.atomic import write_bytes
 from inference.calibration import IDC_FREE_WEIGHT, Calibration, calibrate
 from inference.calls import call_text
-from inference.domain import fit_domain, patch_stats
+from inference.domain import colour_groups, fit_domain, patch_stats
 from inference.heatmap import Heatmap
 from inference.model import (
     LoadedModel,
@@ -36,6 +36,7 @@ from inference.model import (
     pick_device,
     save_checkpoint,
 )
+from inference.patches import centre
 from inference.slide import SlideError, open_slide
 from inference.slide_eval import (
     METRIC_KEYS,
@@ -45,6 +46,7 @@ from inference.slide_eval import (
     evaluate_heatmap,
     summary,
 )
+from inference.tasks import IDC
 from inference.truth import (
     DISAGREEMENT_CLASSES,
     FALSE_IDC,
@@ -56,7 +58,7 @@ from inference.truth import (
     labels_path,
     load_truth,
 )
-from resources import shipped_model_path
+from resources import model_path
 from training.augment import jpeg_batch
 from training.loop import evaluate_model
 from training.rebuild import rebuild_slides
@@ -209,7 +211,7 @@ def run_evaluate(args: Any) -> int:
         raise ValueError("--idc-free rebuilds slides: add --as-slides.")
     if folders and args.disagreements and not args.as_slides:
         raise ValueError("--disagreements needs slides: add --as-slides to rebuild the patients' slides.")
-    model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
+    model = load_checkpoint(model_path(args.model), pick_device(args.device))
     if not folders or args.as_slides:
         with tempfile.TemporaryDirectory(prefix="idc-eval-") as tmp:
             # Disagreements are reviewed on their slides: rebuilt slides are kept beside them.
@@ -275,10 +277,34 @@ def training_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
     return fit_domain(patch_stats(jpeg_batch(train.images, 80)), train.groups.astype(str))
 
 
+#: Patches a labelled-image data set gives its domain statistics, and the colour groups that
+#: stand in for the slides it does not name (inference.domain.colour_groups).
+DOMAIN_PATCHES, DOMAIN_GROUPS, DOMAIN_RIDGE = 8000, 64, 0.01
+
+
+def labelled_domain(args: Any, model: LoadedModel) -> dict[str, Any]:
+    """Colour statistics of a labelled-image training set (each cell's own pixels, JPEG q80)."""
+    data, _ = load_sources([FolderSource(str(d)) for d in args.data], model.meta)
+    if not len(data):
+        raise ValueError("No training images were found to describe the model's domain.")
+    pick = np.sort(np.random.default_rng(0).permutation(len(data))[:DOMAIN_PATCHES])
+    stats = patch_stats(centre(jpeg_batch(data.images[pick], 80), data.margin))
+    domain = fit_domain(stats, colour_groups(stats, DOMAIN_GROUPS), ridge=DOMAIN_RIDGE)
+    return {**domain, "images": len(pick)}
+
+
 def run_calibrate(args: Any) -> int:
     """Choose the model's calls on rebuilt validation slides with and without their IDC; write a
-    calibrated copy of the model."""
-    model = load_checkpoint(args.model or shipped_model_path(), pick_device(args.device))
+    calibrated copy of the model. A model of another task (its threshold chosen on its data set's
+    validation images while it trained) gets its domain statistics only."""
+    model = load_checkpoint(model_path(args.model), pick_device(args.device))
+    if model.meta.task != IDC.name:
+        domain = labelled_domain(args, model)
+        save_checkpoint(args.out, model.net, replace(model.meta, domain=domain))
+        print(f"wrote {args.out}: threshold {model.meta.threshold:.2f} (chosen on validation while training), "
+              f"domain limit {domain['score_limit']:.2f} over {domain['patients']} colour groups of "
+              f"{domain['images']} training images", file=sys.stderr)
+        return 0
     raw = replace(model, meta=replace(model.meta, context_sigma=0.0, context_threshold=None, threshold_adapt={},
                                       slide_call={}))
     with tempfile.TemporaryDirectory(prefix="idc-calibrate-") as tmp:

