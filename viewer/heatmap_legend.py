@@ -1,13 +1,17 @@
-"""What the heatmap panel says about its model and colours: the legend bar and the model's line."""
+"""What the heatmap panel says about its model, colours and calls: the legend bar, the model's
+line, the slide call and the agreement with the ground truth."""
 
 from __future__ import annotations
 
+import numpy as np
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QLinearGradient, QPainter, QPaintEvent
 from PySide6.QtWidgets import QWidget
 
-from inference.heatmap import DEFAULT_COLORMAP, colormap_lut
+from inference.calls import FOUND, NOT_FOUND, call_text
+from inference.heatmap import DEFAULT_COLORMAP, Heatmap, colormap_lut
 from inference.model import LoadedModel, ModelMeta
+from inference.truth import Agreement
 
 
 class LegendBar(QWidget):
@@ -68,3 +72,29 @@ def _field_of_view(meta: ModelMeta) -> str:
             parts.append(f"{who} the patch {view} (weight {weight})")
         return "; " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
     return f", each seen {around(meta)}" if meta.margin else ""
+
+
+def describe_call(hm: Heatmap, positive: str, out_of_domain: bool) -> tuple[str, str]:
+    """The slide's answer and its colour ("" while the heatmap is incomplete)."""
+    if not hm.complete:
+        return (f"Slide call ({positive} found, no {positive} found or uncertain): when the heatmap is complete.", "")
+    call, score = hm.slide_call(out_of_domain), hm.slide_score
+    text = f"Slide: {call_text(call, positive)} (slide score {score:.2f})"
+    if out_of_domain:
+        text += ": the slide lies outside the model's domain, so its score is not vouched for"
+    elif call == NOT_FOUND:
+        text += f"; no cell is called {positive}. Lower 'Show P \u2265' to see the probabilities."
+    return text, {FOUND: "#a00000", NOT_FOUND: "#006000"}.get(call, "#805000")
+
+
+def describe_agreement(a: Agreement, inner: Agreement | None, positive: str) -> str:
+    """The map against the ground truth, over all labelled cells and away from region borders."""
+    m = a.metrics
+    at = f"at threshold {m.threshold:.2f}" if np.isfinite(m.threshold) else "with no cell called"
+    text = (f"Agreement with the ground truth ({a.cells} labelled cells): AUC {m.auc:.3f}, "
+            f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} {at}; "
+            f"{m.fp:.0f} cells called {positive} against the truth, {m.fn:.0f} {positive} cells missed.")
+    if inner is not None and 0 < inner.idc_cells < inner.cells and inner.cells < a.cells:
+        text += (f" Away from region borders ({inner.cells} cells): AUC {inner.metrics.auc:.3f}, "
+                 f"balanced accuracy {inner.metrics.balanced_accuracy:.3f}.")
+    return text

@@ -1,4 +1,5 @@
-"""The IDC heatmap panel: runs whole-slide inference on a QThread and shows it as it fills in."""
+"""The heatmap panel: picks the model, runs whole-slide inference on a QThread and shows the map as
+it fills in; each slide keeps one heatmap per model while it is open."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from inference.calls import FOUND, NOT_FOUND, call_text
 from inference.domain import warnings as domain_warnings
 from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo
 from inference.model import LoadedModel, pick_device
@@ -38,8 +38,9 @@ from inference.truth import (
     labels_path,
     load_truth,
 )
-from viewer.heatmap_legend import LegendBar, describe_model
+from viewer.heatmap_legend import LegendBar, describe_agreement, describe_call, describe_model
 from viewer.layers import HeatmapLayer, OutlineLayer
+from viewer.model_picker import ModelLibrary, ModelPicker
 from viewer.session import SlideSession
 from viewer.slide_view import SlideView
 from viewer.workers import JobRunner
@@ -58,9 +59,13 @@ class InferencePanel(QWidget):
     heatmap_finished = Signal(object)  # Heatmap, when a job completes
     status_message = Signal(str)
 
-    def __init__(self, session: SlideSession, view: SlideView, settings: PredictSettings | None = None) -> None:
+    def __init__(self, session: SlideSession, view: SlideView, settings: PredictSettings | None = None,
+                 library: ModelLibrary | None = None) -> None:
         super().__init__()
         self.session = session
+        self.library = library or ModelLibrary(session)
+        #: The open slide's heatmaps by model (finished or part-way), so that switching back is instant.
+        self._maps: dict[str, Heatmap] = {}
         self.view = view
         self.settings = settings or PredictSettings()
         self.heatmap: Heatmap | None = None
@@ -90,6 +95,9 @@ class InferencePanel(QWidget):
     # -- widgets ----------------------------------------------------------------------------
     def _build(self) -> None:
         layout = QVBoxLayout(self)
+        self.picker = ModelPicker(self.library)
+        self.picker.error.connect(self.status_message)
+        layout.addWidget(self.picker)
         self.model_label = QLabel()
         self.model_label.setWordWrap(True)
         layout.addWidget(self.model_label)
@@ -178,17 +186,21 @@ class InferencePanel(QWidget):
         self.disagree_box.setEnabled(self.ground_truth is not None and self.heatmap is not None)
         self.context_box.setEnabled(self.heatmap is not None and self.heatmap.has_context)
         if self.model is None:
-            self.model_label.setText("No model loaded: the IDC heatmap is unavailable.")
+            self.model_label.setText("No model loaded: choose one above to compute a heatmap.")
+            self.run_button.setText("Run heatmap")
         else:
+            positive = self.model.meta.positive_class
             self.model_label.setText(describe_model(self.model))
-            self.legend.positive = self.model.meta.positive_class
+            self.legend.positive = positive
+            self.run_button.setText(f"Run {positive} heatmap")
+            self.truth_box.setText(f"Show ground truth outline ({positive})")
 
     # -- session ----------------------------------------------------------------------------
     @Slot()
     def _on_session_slide_closing(self) -> None:
         self.stop()
         self._remove_layers()
-        self.ground_truth, self._cell_labels = None, None
+        self.ground_truth, self._cell_labels, self._maps = None, None, {}
 
     @Slot(object)
     def _on_session_slide_changed(self, slide: object) -> None:
@@ -223,8 +235,18 @@ class InferencePanel(QWidget):
         """Another model: its heatmap of the open slide replaces this one (cached or recomputed)."""
         was_shown = self.heatmap is not None or self.runner.running()
         self.stop()
+        if self.heatmap is not None:
+            self._maps[self.heatmap.info.model_id] = self.heatmap
         self._remove_heatmap()
-        self._load_cached()
+        kept = self._maps.get(self.model.model_id) if self.model is not None else None
+        if kept is not None and self.session.slide is not None \
+                and kept.info.slide_fingerprint == self.session.slide.fingerprint():
+            self._show_heatmap(kept)
+            self._show_progress(kept)
+            self.rate_label.setText("" if kept.complete else "Partly computed; Run resumes where it stopped.")
+            self._update_agreement()
+        else:
+            self._load_cached()
         self._update_domain()
         if was_shown:
             self.start()
@@ -419,20 +441,8 @@ class InferencePanel(QWidget):
         if hm is None or model is None or hm.info.slide_call is None:
             self.call_label.setText("")
             return
-        positive = model.meta.positive_class
-        if not hm.complete:
-            self.call_label.setText(f"Slide call ({positive} found, no {positive} found or uncertain): "
-                                    "when the heatmap is complete.")
-            self.call_label.setStyleSheet("")
-            return
-        call, score = hm.slide_call(self._out_of_domain), hm.slide_score
-        text = f"Slide: {call_text(call, positive)} (slide score {score:.2f})"
-        if self._out_of_domain:
-            text += ": the slide lies outside the model's domain, so its score is not vouched for"
-        elif call == NOT_FOUND:
-            text += (f"; no cell is called {positive}. Lower 'Show P \u2265' to see the probabilities.")
-        colour = {FOUND: "#a00000", NOT_FOUND: "#006000"}.get(call, "#805000")
-        self.call_label.setStyleSheet(f"QLabel {{ color: {colour}; font-weight: bold; }}")
+        text, colour = describe_call(hm, model.meta.positive_class, self._out_of_domain)
+        self.call_label.setStyleSheet(f"QLabel {{ color: {colour}; font-weight: bold; }}" if colour else "")
         self.call_label.setText(text)
 
     def _truth_labels(self) -> tuple[HeatmapInfo, np.ndarray, int, np.ndarray] | None:
@@ -451,16 +461,8 @@ class InferencePanel(QWidget):
         _, labels, ambiguous, inner_labels = labelled
         a = agreement(self.heatmap, labels, ambiguous)
         if a is not None and 0 < a.idc_cells < a.cells:
-            m = a.metrics
-            at = f"at threshold {m.threshold:.2f}" if np.isfinite(m.threshold) else "with no cell called"
-            text = (f"Agreement with the ground truth ({a.cells} labelled cells): AUC {m.auc:.3f}, "
-                    f"balanced accuracy {m.balanced_accuracy:.3f}, F1 {m.f1:.3f} {at}; "
-                    f"{m.fp:.0f} cells called IDC against the truth, {m.fn:.0f} IDC cells missed.")
             inner = agreement(self.heatmap, inner_labels, ambiguous)
-            if inner is not None and 0 < inner.idc_cells < inner.cells and inner.cells < a.cells:
-                text += (f" Away from region borders ({inner.cells} cells): AUC {inner.metrics.auc:.3f}, "
-                         f"balanced accuracy {inner.metrics.balanced_accuracy:.3f}.")
-            self.agreement_label.setText(text)
+            self.agreement_label.setText(describe_agreement(a, inner, self.heatmap.info.positive))
         self._update_disagreements()
 
     def _update_disagreements(self, *_: object) -> None:

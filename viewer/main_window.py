@@ -35,6 +35,7 @@ from viewer.annotation_controller import AnnotationController
 from viewer.annotation_panel import AnnotationPanel
 from viewer.inference_panel import InferencePanel
 from viewer.layers import qimage_to_array
+from viewer.model_picker import ModelLibrary
 from viewer.panels import AdjustDialog, MetadataPanel, OverviewPanel, ShortcutsDialog
 from viewer.session import SlideSession
 from viewer.slide_view import PRESETS, SlideView
@@ -63,6 +64,7 @@ class MainWindow(QMainWindow):
         self.settings = settings or QSettings("IDC Slide Viewer", "idc-viewer")
         self.interactive = interactive
         self.session = SlideSession(model, device, self)
+        self.models = ModelLibrary(self.session)
         self.view = SlideView(self)
         self.training = TrainingTab(self.session)
         if not interactive:
@@ -70,7 +72,7 @@ class MainWindow(QMainWindow):
         self.tabs = QTabWidget()
         self.tabs.addTab(self.view, "Slide")
         self.tabs.addTab(self.training, "Training")
-        self.worklist = WorklistTab(self.session)
+        self.worklist = WorklistTab(self.session, self.models)
         self.tabs.addTab(self.worklist, "Worklist")
         self.worklist.open_requested.connect(self._on_worklist_open_requested)
         self.setCentralWidget(self.tabs)
@@ -78,11 +80,11 @@ class MainWindow(QMainWindow):
 
         self.overview = OverviewPanel()
         self.metadata = MetadataPanel()
-        self.inference = InferencePanel(self.session, self.view)
+        self.inference = InferencePanel(self.session, self.view, library=self.models)
         self.annotation_panel = AnnotationPanel()
         self.annotations = AnnotationController(self.session, self.view, self.annotation_panel, self)
         self._dock(self.overview, "Overview", "overview")
-        self._dock(self.inference, "IDC heatmap", "inference")
+        self._dock(self.inference, "Heatmap", "inference")
         self._dock(self.annotation_panel, "Annotations", "annotations")
         self._dock(self.metadata, "Slide", "metadata")
         self.tabifyDockWidget(self.findChild(QDockWidget, "inference"), self.findChild(QDockWidget, "annotations"))
@@ -155,9 +157,9 @@ class MainWindow(QMainWindow):
 
         tb = self.addToolBar("Main")
         tb.setObjectName("main-toolbar")
-        self.heatmap_action = QAction("IDC heatmap", self)
+        self.heatmap_action = QAction("Heatmap", self)
         self.heatmap_action.setShortcut(QKeySequence("H"))
-        self.heatmap_action.setToolTip("Show or hide the IDC heatmap; the first time, compute it (H)")
+        self.heatmap_action.setToolTip("Show or hide the model's heatmap; the first time, compute it (H)")
         self.heatmap_action.triggered.connect(self.inference.toggle_visible)
         tb.addAction(self.heatmap_action)
         self._action(tb, "Fit", self.view.fit)
@@ -203,9 +205,21 @@ class MainWindow(QMainWindow):
             v.addAction(dock.toggleViewAction())
         self._update_mag_actions()
 
+        self.model_menu = mb.addMenu("&Model")
+        self.model_menu.aboutToShow.connect(self._fill_model_menu)
         h = mb.addMenu("&Help")
         self._action(h, "&Keyboard shortcuts", self._on_shortcuts_triggered, QKeySequence.StandardKey.HelpContents)
         self._action(h, "&About IDC Slide Viewer", self._on_about_triggered)
+
+    def _fill_model_menu(self) -> None:
+        """One checkable entry per model (its task), as in the heatmap panel's list."""
+        self.model_menu.clear()
+        picker = self.inference.picker
+        for i in range(picker.count()):
+            act = self.model_menu.addAction(picker.itemText(i))
+            act.setCheckable(i != picker.count() - 1)
+            act.setChecked(i == picker.currentIndex())
+            act.triggered.connect(lambda _=False, index=i: picker.activated.emit(index))
 
     def _refresh_recent(self) -> None:
         self.recent_menu.clear()
@@ -416,7 +430,7 @@ class MainWindow(QMainWindow):
         text = f"x {int(x_l0):,}  y {int(y_l0):,} px"
         prob = self.inference.probability_at(x_l0, y_l0)
         if prob is not None:
-            text = f"P(IDC) {prob:.2f}   " + text
+            text = f"P({self.session.model.meta.positive_class}) {prob:.2f}   " + text
         if self.slide.mpp:
             text += f"   ({x_l0 * self.slide.mpp:,.1f}, {y_l0 * self.slide.mpp:,.1f} \u00b5m)"
         else:
@@ -428,6 +442,7 @@ class MainWindow(QMainWindow):
         """Switch the viewer to the fine-tuned model and recompute the open slide's heatmap."""
         self.tabs.setCurrentWidget(self.view)
         self.inference.show_box.setChecked(True)
+        self.models.add(model)
         self.session.set_model(model)
         self.inference.start()
 

@@ -29,6 +29,7 @@ from inference.worklist import (
     scan,
 )
 from viewer.layers import array_to_qimage
+from viewer.model_picker import ModelLibrary, ModelPicker
 from viewer.session import SlideSession
 from viewer.workers import JobRunner
 
@@ -63,9 +64,11 @@ class WorklistTab(QWidget):
 
     open_requested = Signal(object)  # Path of the slide to open with its heatmap
 
-    def __init__(self, session: SlideSession) -> None:
+    def __init__(self, session: SlideSession, library: ModelLibrary | None = None) -> None:
         super().__init__()
         self.session = session
+        self.picker = ModelPicker(library or ModelLibrary(session))
+        session.model_changed.connect(self._on_session_model_changed)
         self.folder: Path | None = None
         self.rows: list[WorklistRow] = []
         self.scanner = JobRunner(self)
@@ -79,6 +82,8 @@ class WorklistTab(QWidget):
         self.folder_label = QLabel("File > Open folder shows a folder's slides here, the slides the model "
                                    "calls positive first.")
         top.addWidget(self.folder_label, 1)
+        top.addWidget(QLabel("Model"))
+        top.addWidget(self.picker)
         self.compute_button = QPushButton("Compute missing heatmaps")
         self.compute_button.clicked.connect(self.compute_missing)
         self.cancel_button = QPushButton("Cancel")
@@ -106,6 +111,11 @@ class WorklistTab(QWidget):
         self._update_controls()
 
     # -- folder -----------------------------------------------------------------------------
+    def _on_session_model_changed(self, _model: object) -> None:
+        """Another model: the folder's figures are that model's (its cached heatmaps, if any)."""
+        if self.folder is not None:
+            self.open_folder(self.folder)
+
     def open_folder(self, folder: str | Path) -> int:
         """List the folder's slides now; facts, thumbnails and figures fill in in the background."""
         self.scanner.stop()
