@@ -194,6 +194,7 @@ class InferencePanel(QWidget):
             self.legend.positive = positive
             self.run_button.setText(f"Run {positive} heatmap")
             self.truth_box.setText(f"Show ground truth outline ({positive})")
+            self.disagree_box.setText(f"Show disagreements (orange: called {positive}, purple: {positive} missed)")
 
     # -- session ----------------------------------------------------------------------------
     @Slot()
