@@ -34,6 +34,7 @@ DEFAULT_CLASSES: tuple[AnnotationClass, ...] = (
     AnnotationClass("IDC", (220, 30, 30)),
     AnnotationClass("Non-IDC", (30, 160, 60)),
     AnnotationClass("Metastasis", (200, 40, 160)),
+    AnnotationClass("Normal", (60, 170, 170)),
     AnnotationClass("Tissue", (40, 90, 220)),
     AnnotationClass("Other", (150, 150, 150)),
 )

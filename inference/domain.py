@@ -99,6 +99,6 @@ def warnings(slide_mpp: float | None, meta: ModelMeta, score: float | None) -> l
                    f"{meta.mpp:g} \u00b5m/px: it is upsampled, which the model was not trained on.")
     limit = meta.domain.get("score_limit")
     if score is not None and limit is not None and score > limit:
-        out.append(f"The tissue looks unlike the H&E {tissue} the model was trained on (colour score "
+        out.append(f"The tissue looks unlike the {tissue} the model was trained on (colour score "
                    f"{score:.1f} above {limit:.1f}): another organ, stain or scanner; read the heatmap with care.")
     return out

@@ -27,10 +27,10 @@ class Task:
         return self.classes[1]
 
 
-IDC = Task("idc", "Invasive ductal carcinoma (breast)", ("Non-IDC", "IDC"), 4.0, 50, 0, "breast tissue")
+IDC = Task("idc", "Invasive ductal carcinoma (breast)", ("Non-IDC", "IDC"), 4.0, 50, 0, "breast H&E")
 #: PatchCamelyon: 96 px patches at 10x (0.972 um/px) labelled by their centre 32 px.
 METASTASIS = Task("metastasis", "Lymph-node metastasis (PatchCamelyon)", ("Normal", "Metastasis"), 0.972, 32, 32,
-                  "lymph-node sections")
+                  "lymph-node H&E")
 TASKS = {t.name: t for t in (IDC, METASTASIS)}
 
 

@@ -18,6 +18,12 @@ from training.data import PatchSet, empty_set
 DEFAULT_LABELS: Mapping[str, int] = {"IDC": 1, "Non-IDC": 0}
 
 
+def class_labels(meta: ModelMeta | None) -> dict[str, int]:
+    """The annotation classes that teach a model: its positive class 1, its negative class 0
+    (IDC / Non-IDC, Metastasis / Normal)."""
+    return dict(DEFAULT_LABELS) if meta is None else {meta.classes[1]: 1, meta.classes[0]: 0}
+
+
 def region_cells(grid: PatchGrid, annotations: Sequence[Annotation], labels: Mapping[str, int] = DEFAULT_LABELS,
                  min_cover: float = 0.5) -> list[tuple[int, int, int, str]]:
     """(row, col, label, annotation id) of grid patches at least ``min_cover`` inside a region.

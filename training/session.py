@@ -21,7 +21,7 @@ from inference.tasks import IDC, Task, task_of
 from training.data import PATCH, PatchSet, folder_factor, load_folder, split_groups
 from training.labelled import load_labelled
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig, evaluate_model, fit
-from training.regions import patches_from_annotations
+from training.regions import class_labels, patches_from_annotations
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def load_sources(sources: Sequence[Source], meta: ModelMeta, seed: int = 0) -> t
                                src.patients).averaged(k)
         else:
             with open_slide(src.slide_path, mpp=src.mpp) as slide:
-                data = patches_from_annotations(slide, src.annotations, meta, group_by=src.group_by)
+                data = patches_from_annotations(slide, src.annotations, meta, class_labels(meta), src.group_by)
         parts.append(data)
         by_source[src.describe()] = data.summary()
     return PatchSet.concat(parts), by_source

@@ -25,7 +25,7 @@ from inference.domain import warnings as domain_warnings
 from inference.heatmap import COLORMAPS, Heatmap, HeatmapInfo
 from inference.model import LoadedModel, pick_device
 from inference.patches import GridError
-from inference.predict import BatchResult, PredictSettings
+from inference.predict import BatchResult, PredictSettings, heatmap_info
 from inference.session import Finished, Planned, cached_heatmap, infer
 from inference.truth import (
     DISAGREEMENT_CLASSES,
@@ -237,35 +237,38 @@ class InferencePanel(QWidget):
         was_shown = self.heatmap is not None or self.runner.running()
         self.stop()
         if self.heatmap is not None:
-            self._maps[self.heatmap.info.model_id] = self.heatmap
+            self._maps[self.heatmap.info.key()] = self.heatmap
         self._remove_heatmap()
-        kept = self._maps.get(self.model.model_id) if self.model is not None else None
-        if kept is not None and self.session.slide is not None \
-                and kept.info.slide_fingerprint == self.session.slide.fingerprint():
-            self._show_heatmap(kept)
-            self._show_progress(kept)
-            self.rate_label.setText("" if kept.complete else "Partly computed; Run resumes where it stopped.")
-            self._update_agreement()
-        else:
-            self._load_cached()
+        self._load_cached(self._maps.get(self._map_key()))  # this slide's map by that model, if kept
         self._update_domain()
         if was_shown:
             self.start()
         self._update_controls()
 
-    def _load_cached(self) -> bool:
+    def _map_key(self) -> str | None:
+        """The key of the heatmap the session's slide and model would have (None: no grid yet)."""
         slide, model = self.session.slide, self.session.model
         if slide is None or model is None or slide.mpp is None:
+            return None
+        try:
+            return heatmap_info(slide, model, self.settings).key()
+        except GridError:
+            return None
+
+    def _load_cached(self, kept: Heatmap | None = None) -> bool:
+        """Show ``kept`` (a map this panel holds), else the slide and model's cached one, if any."""
+        slide, model = self.session.slide, self.session.model
+        if kept is None and (slide is None or model is None or slide.mpp is None):
             return False
         try:
-            hm = cached_heatmap(slide, model, self.settings)
+            hm = kept or cached_heatmap(slide, model, self.settings)  # type: ignore[arg-type]
         except GridError:
             return False
         if hm is None:
             return False
         self._show_heatmap(hm)
         self._show_progress(hm)
-        self.rate_label.setText("Loaded from cache." if hm.complete else
+        self.rate_label.setText("" if kept is not None and hm.complete else "Loaded from cache." if hm.complete else
                                 "Partly computed earlier; Run resumes where it stopped.")
         self._update_agreement()
         self._update_domain()

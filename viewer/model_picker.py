@@ -66,6 +66,9 @@ class ModelPicker(QComboBox):
     def __init__(self, library: ModelLibrary, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.library = library
+        # Long titles must not widen the dock (and the window) beyond what the user chose.
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(16)
         self.setToolTip("The model whose heatmap is shown: each model finds one thing (its task) at its own "
                         "resolution; each slide keeps one heatmap per model.")
         self.activated.connect(self._on_activated)

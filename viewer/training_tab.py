@@ -38,7 +38,7 @@ from inference.atomic import write_bytes
 from inference.model import LoadedModel, ModelError, load_checkpoint
 from resources import shipped_model_path
 from training.loop import FINE_TUNE, FINE_TUNE_VAL_FRACTION, DoneReport, EpochReport, StepReport
-from training.regions import DEFAULT_LABELS
+from training.regions import DEFAULT_LABELS, class_labels
 from training.session import (
     CompareReport,
     DataReport,
@@ -207,7 +207,7 @@ class TrainingTab(QWidget):
 
     def update_region_counts(self) -> None:
         """Say which of the open slide's regions are ground truth, per source."""
-        truth, model_only = region_counts(self.session.store)
+        truth, model_only = region_counts(self.session.store, self._labels())
         text = f"{truth} region{'' if truth == 1 else 's'} drawn or confirmed by a person"
         if model_only:
             text += (f"; {model_only} model region{'' if model_only == 1 else 's'} not used as truth "
@@ -260,7 +260,11 @@ class TrainingTab(QWidget):
     def region_source(self) -> RegionSource | None:
         """The open slide's IDC / Non-IDC regions a person drew or confirmed, as a source."""
         slide = self.session.slide
-        return regions_source(slide.path, self.session.store, slide.mpp) if slide is not None else None
+        return regions_source(slide.path, self.session.store, slide.mpp, self._labels()) if slide is not None else None
+
+    def _labels(self) -> dict[str, int]:
+        """The region classes that teach the model in use (IDC / Non-IDC, Metastasis / Normal)."""
+        return class_labels(self.session.model.meta if self.session.model is not None else None)
 
     def sources(self) -> tuple[FolderSource | RegionSource, ...]:
         out: list[FolderSource | RegionSource] = [
@@ -460,18 +464,19 @@ class TrainingTab(QWidget):
         return path
 
 
-def regions_source(slide_path: Path | None, store: AnnotationStore | None, mpp: float | None) -> RegionSource | None:
-    """The open slide's IDC / Non-IDC regions as a training source."""
+def regions_source(slide_path: Path | None, store: AnnotationStore | None, mpp: float | None,
+                   labels: dict[str, int] = DEFAULT_LABELS) -> RegionSource | None:
+    """The open slide's regions of the model's two classes as a training source."""
     if slide_path is None or store is None:
         return None
-    anns = store.truth(DEFAULT_LABELS)
+    anns = store.truth(labels)
     return RegionSource(str(slide_path), anns, mpp) if anns else None
 
 
-def region_counts(store: AnnotationStore | None) -> tuple[int, int]:
-    """(IDC / Non-IDC regions a person drew or confirmed, model regions not used as truth)."""
+def region_counts(store: AnnotationStore | None, labels: dict[str, int] = DEFAULT_LABELS) -> tuple[int, int]:
+    """(regions of the two classes a person drew or confirmed, model regions not used as truth)."""
     if store is None:
         return 0, 0
-    labelled = [a for a in store.items if a.cls in DEFAULT_LABELS]
-    truth = store.truth(DEFAULT_LABELS)
+    labelled = [a for a in store.items if a.cls in labels]
+    truth = store.truth(labels)
     return len(truth), len(labelled) - len(truth)

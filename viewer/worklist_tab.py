@@ -95,7 +95,7 @@ class WorklistTab(QWidget):
         self.progress.setFormat("%v / %m slides")
         layout.addWidget(self.progress)
         self.table = QTableWidget(0, len(COLUMNS))
-        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self._name_columns()
         self.table.setIconSize(QSize(THUMB_PX, THUMB_PX))
         self.table.verticalHeader().setDefaultSectionSize(THUMB_PX + 6)
         self.table.verticalHeader().setVisible(False)
@@ -110,9 +110,16 @@ class WorklistTab(QWidget):
         layout.addWidget(self.table, 1)
         self._update_controls()
 
+    def _name_columns(self) -> None:
+        model = self.session.model
+        positive = model.meta.positive_class if model is not None else "IDC"
+        self.table.setHorizontalHeaderLabels([c.replace("IDC", positive) for c in COLUMNS])
+
     # -- folder -----------------------------------------------------------------------------
     def _on_session_model_changed(self, _model: object) -> None:
-        """Another model: the folder's figures are that model's (its cached heatmaps, if any)."""
+        """Another model: the folder's figures are that model's (its cached heatmaps, if any),
+        under its class name."""
+        self._name_columns()
         if self.folder is not None:
             self.open_folder(self.folder)
 
