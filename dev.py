@@ -44,7 +44,7 @@ def ensure_venv() -> None:
     torch_spec = os.environ.get("IDC_TORCH_SPEC")
     if torch_spec:
         sh(PY, "-m", "pip", "install", "-q", torch_spec)
-    sh(PY, "-m", "pip", "install", "-q", "-e", ".[test,cluster]")  # cluster: the Ray cohort test
+    sh(PY, "-m", "pip", "install", "-q", "-e", ".[test,cluster,serve]")  # cluster: the Ray cohort test; serve: the HTTP service
     STAMP.write_bytes(stamp)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 #: The shipped models' names, written out so that --help needs no import of the package.
 MODEL_HELP = "a shipped model by name (idc, metastasis) or a checkpoint file (default: idc)"
 
-SUBCOMMANDS = ("train", "evaluate", "calibrate", "ensemble", "predict", "export")
+SUBCOMMANDS = ("train", "evaluate", "calibrate", "ensemble", "predict", "export", "serve")
 
 
 def _positive_float(text: str) -> float:
@@ -126,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-cache", action="store_true", help="recompute even if a cached heatmap exists")
     pr.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
                     help="smallest IDC region written to <stem>.idc.geojson, in um2")
+
+    sv = sub.add_parser("serve", help="serve the shipped models over HTTP (needs the serve extra)",
+                        description="A REST API (/v1/health, /v1/models, /v1/patches, /v1/jobs...) and a page at / "
+                        "to run the models on patches and on the slides of one folder; see the README.")
+    sv.add_argument("--slides", required=True, metavar="DIR", help="the folder whose slides may be computed")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    sv.add_argument("--token", default=None, help="every /v1 call then needs 'Authorization: Bearer TOKEN'")
 
     ex = sub.add_parser("export", help="export annotated regions: crops, masks and a report")
     ex.add_argument("slide")
@@ -252,6 +261,13 @@ def _run_headless(args: argparse.Namespace) -> int:
             from training.evaluation import run_calibrate
 
             return run_calibrate(args)
+        if args.command == "serve":
+            try:
+                from inference.serve import serve
+            except ImportError as exc:
+                raise ValueError(f"serve needs the serve extra ({exc.name} is missing): "
+                                 "pip install 'idc-slide-viewer[serve]'.") from None
+            return serve(args.slides, args.host, args.port, args.device, args.token)
         if args.command == "ensemble":
             from training.commands import run_ensemble
 
