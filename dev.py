@@ -21,11 +21,12 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".installed"
 
-# Debian packages for the real-window test (Xvfb) and Qt's xcb platform plugin.
+# Debian packages for the real-window test (Xvfb), Qt's xcb platform plugin and the service
+# page's browser test (headless Chromium).
 APT_PACKAGES = [
     "xvfb", "xauth", "libxcb-cursor0", "libxkbcommon-x11-0", "libxcb-icccm4", "libxcb-keysyms1",
     "libxcb-image0", "libxcb-render-util0", "libxcb-shape0", "libxcb-xinerama0", "libxcb-randr0",
-    "libegl1", "libgl1", "libfontconfig1", "libdbus-1-3",
+    "libegl1", "libgl1", "libfontconfig1", "libdbus-1-3", "chromium",
 ]
 
 
@@ -49,11 +50,12 @@ def ensure_venv() -> None:
 
 
 def ensure_xvfb() -> None:
-    """Install Xvfb for the real-window test where we may (root with apt-get)."""
-    if shutil.which("xvfb-run") or not shutil.which("apt-get"):
+    """Install Xvfb and Chromium for the real-window and browser tests where we may (root with apt-get)."""
+    if (shutil.which("xvfb-run") and shutil.which("chromium")) or not shutil.which("apt-get"):
         return
     if hasattr(os, "geteuid") and os.geteuid() != 0:
-        print("note: xvfb-run is missing and we are not root; the real-window test will be skipped")
+        print("note: xvfb-run or chromium is missing and we are not root; the real-window and browser tests "
+              "will be skipped")
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:

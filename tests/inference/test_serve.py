@@ -155,3 +155,44 @@ def test_a_jobs_files_equal_predicts_and_cancel(client: httpx.Client, slides: Pa
 def test_the_page_is_served_without_a_token(server: str) -> None:
     r = httpx.get(f"{server}/")
     assert r.status_code == 200 and "/v1/jobs" in r.text and "http" not in r.text.split("<script>")[1].split("fetch")[0]
+
+
+def test_the_page_in_headless_chromium_shows_the_heatmap_over_the_thumbnail(slides: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed (python3 dev.py test installs it where it may)")
+    import subprocess
+
+    app = create_app(slides, "cpu")  # no token: the page as a lab's intranet would open it
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        job = httpx.post(f"{base}/v1/jobs", json={"slide": "cmu.svs", "model": "metastasis"}).json()["id"]
+        with httpx.Client(base_url=base) as c:
+            assert wait(c, job)["status"] == "done"
+        shot = tmp_path / "page.png"
+        browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1300", "--virtual-time-budget=8000"]
+        page = f"{base}/?slide=cmu.svs&model=metastasis&job={job}"
+        subprocess.run([*browse, f"--screenshot={shot}", page], check=True, timeout=120, capture_output=True)
+        dom = subprocess.run([*browse, "--dump-dom", page], check=True, timeout=120, capture_output=True,
+                             text=True).stdout
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+    # The job's call reached the page, and no error did.
+    assert 'class="error"' not in dom and "called fraction of tissue" in dom and ">done<" in dom
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (1300, 1100)
+    stage = img[280:]  # below the controls: the thumbnail and its heatmap
+    tissue = stage.max(axis=2) - stage.min(axis=2) > 40
+    rows, cols = np.nonzero(tissue)
+    red = (stage[..., 0] > 120) & (stage[..., 1] < 60) & (stage[..., 2] < 110)  # the darkest heatmap cells
+    # The CMU slide is portrait (2220 x 2967 px; a stale thumbnail of the landscape demo slide was
+    # once shown under its heatmap), and the metastasis model paints its epidermis.
+    assert np.ptp(rows) > 1.1 * np.ptp(cols) and red.sum() > 2000
