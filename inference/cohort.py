@@ -83,6 +83,7 @@ class SlideTask:
     device: str = "auto"
     min_area_um2: float = 0.0
     threads: int | None = None  # torch CPU threads in this process (None: leave as is)
+    trust_torchscript: bool = False  # a WSInfer model folder may load (its TorchScript is code)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def run_slide(task: SlideTask, model: LoadedModel | None = None, engine: str = "
             import torch
 
             torch.set_num_threads(task.threads)
-        model = model or load_checkpoint(task.model_path, pick_device(task.device))
+        model = model or load_checkpoint(task.model_path, pick_device(task.device), task.trust_torchscript)
         with open_slide(task.slide, mpp=task.mpp) as slide:
             if slide.mpp is None:
                 return SlideOutcome(name, "failed", "the slide has no resolution (MPP); pass --mpp UM",

@@ -19,6 +19,7 @@ from inference.model import LoadedModel, load_checkpoint, pick_device
 from inference.predict import BatchResult, PredictSettings
 from inference.session import Planned
 from inference.slide import open_slide
+from resources import SHIPPED_MODELS
 from resources import model_path as resolve_model
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,10 @@ def run_predict(args: Any) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)  # an unwritable folder fails now, not after the work
     model_path = str(resolve_model(args.model))
     device = pick_device(args.device)
-    model = load_checkpoint(model_path, device)
+    model = load_checkpoint(model_path, device, trust_torchscript=args.trust_torchscript)
     settings = PredictSettings(stride_px=args.stride, batch_size=args.batch_size)
     tasks = cohort.tasks_for(slides, out_dir, model_path, settings=settings, mpp=args.mpp, device=args.device,
-                             min_area_um2=args.min_area)
+                             min_area_um2=args.min_area, trust_torchscript=args.trust_torchscript)
     if args.no_cache:
         for t in tasks:
             (out_dir / f"{t.stem}.heatmap.npz").unlink(missing_ok=True)
@@ -109,4 +110,18 @@ def run_export(args: Any) -> int:
         paths = export_regions(slide, annotations, Path(args.out), args.mpp_out, args.overlay, heatmap, store)
     n = len(annotations)
     print(f"wrote {len(paths)} files to {args.out} ({n} region{'' if n == 1 else 's'})", file=sys.stderr)
+    return 0
+
+
+def run_export_model(args: Any) -> int:
+    """Write a model in WSInfer's format (config.json + TorchScript)."""
+    from inference.wsinfer import export
+
+    path = resolve_model(args.model)
+    model = load_checkpoint(path)
+    name = args.model if args.model in SHIPPED_MODELS else path.stem
+    files = export(model, args.out, name)
+    print(f"idc-viewer export-model: wrote {', '.join(str(f) for f in files)} ({model.meta.input_px} px patches at "
+          f"{model.meta.mpp:g} um/px, classes {' / '.join(model.meta.classes)}); the format does not carry the "
+          "context map, thresholds or slide call", file=sys.stderr)
     return 0

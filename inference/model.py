@@ -38,6 +38,8 @@ class ModelError(UserError):
 #: Network families a checkpoint may declare for one network (an ensemble's family is ENSEMBLE).
 FAMILIES = ("wrn", "efficientnet-lite0", "efficientnet-lite2")
 ENSEMBLE = "ensemble"
+#: A network given as TorchScript (a WSInfer model folder, inference.wsinfer): never built here.
+TORCHSCRIPT_FAMILY = "torchscript"
 #: The input scaling (mean, std) of an ensemble, whose members scale their own views.
 IDENTITY = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
@@ -57,7 +59,7 @@ class Architecture:
     stem_stride: int = 2
 
     def __post_init__(self) -> None:
-        if self.family not in (*FAMILIES, ENSEMBLE):
+        if self.family not in (*FAMILIES, ENSEMBLE, TORCHSCRIPT_FAMILY):
             raise ModelError(f"Unknown network {self.family!r}; use {' or '.join(FAMILIES)}.")
         if self.stem_stride not in (1, 2):
             raise ModelError(f"The stem stride must be 1 or 2, not {self.stem_stride}.")
@@ -77,6 +79,8 @@ class Architecture:
     def name(self) -> str:
         if self.family == ENSEMBLE:
             return "Ensemble"
+        if self.family == TORCHSCRIPT_FAMILY:
+            return "TorchScript"
         if self.variant:
             return f"EfficientNet-{self.variant.capitalize()}" + ("-S1" if self.stem_stride == 1 else "")
         return f"WRN-{self.depth}-{self.widen}"
@@ -400,9 +404,19 @@ def save_checkpoint(path: str | os.PathLike[str], net: nn.Module, meta: ModelMet
     return hashlib.sha256(data).hexdigest()
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
-    """Load a checkpoint safely; raises :class:`ModelError` with one sentence on any problem."""
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                    trust_torchscript: bool = False) -> LoadedModel:
+    """Load a checkpoint safely; raises :class:`ModelError` with one sentence on any problem.
+
+    A folder in WSInfer's format (inference.wsinfer) holds TorchScript, which is code: it loads
+    only with ``trust_torchscript``."""
     path = Path(path)
+    if path.is_dir():
+        from inference.wsinfer import is_wsinfer_folder, load_wsinfer
+
+        if not is_wsinfer_folder(path):
+            raise ModelError(f"{path} is a folder without a WSInfer model (config.json and torchscript_model.pt).")
+        return load_wsinfer(path, trust_torchscript, device)
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -31,7 +31,10 @@ IDC = Task("idc", "Invasive ductal carcinoma (breast)", ("Non-IDC", "IDC"), 4.0,
 #: PatchCamelyon: 96 px patches at 10x (0.972 um/px) labelled by their centre 32 px.
 METASTASIS = Task("metastasis", "Lymph-node metastasis (PatchCamelyon)", ("Normal", "Metastasis"), 0.972, 32, 32,
                   "lymph-node H&E")
-TASKS = {t.name: t for t in (IDC, METASTASIS)}
+#: A model brought from elsewhere (a WSInfer folder): its classes are its own, in its checkpoint.
+EXTERNAL = Task("external", "A model from a WSInfer folder", ("Negative", "Positive"), 0.0, 0, 0,
+                "tissue it was trained on")
+TASKS = {t.name: t for t in (IDC, METASTASIS, EXTERNAL)}
 
 
 def task_of(name: str) -> Task:

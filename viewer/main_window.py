@@ -81,6 +81,8 @@ class MainWindow(QMainWindow):
         self.overview = OverviewPanel()
         self.metadata = MetadataPanel()
         self.inference = InferencePanel(self.session, self.view, library=self.models)
+        if not interactive:
+            self.inference.picker.confirm = lambda title, text: False  # no dialogs: run no code unasked
         self.annotation_panel = AnnotationPanel()
         self.annotations = AnnotationController(self.session, self.view, self.annotation_panel, self)
         self._dock(self.overview, "Overview", "overview")
@@ -206,20 +208,10 @@ class MainWindow(QMainWindow):
         self._update_mag_actions()
 
         self.model_menu = mb.addMenu("&Model")
-        self.model_menu.aboutToShow.connect(self._fill_model_menu)
+        self.model_menu.aboutToShow.connect(lambda: self.inference.picker.fill_menu(self.model_menu))
         h = mb.addMenu("&Help")
         self._action(h, "&Keyboard shortcuts", self._on_shortcuts_triggered, QKeySequence.StandardKey.HelpContents)
         self._action(h, "&About IDC Slide Viewer", self._on_about_triggered)
-
-    def _fill_model_menu(self) -> None:
-        """One checkable entry per model (its task), as in the heatmap panel's list."""
-        self.model_menu.clear()
-        picker = self.inference.picker
-        for i in range(picker.count()):
-            act = self.model_menu.addAction(picker.itemText(i))
-            act.setCheckable(i != picker.count() - 1)
-            act.setChecked(i == picker.currentIndex())
-            act.triggered.connect(lambda _=False, index=i: picker.activated.emit(index))
 
     def _refresh_recent(self) -> None:
         self.recent_menu.clear()

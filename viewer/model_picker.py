@@ -3,13 +3,15 @@ heatmap panel, the worklist and the Model menu, all following the session's mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import Signal, Slot
-from PySide6.QtWidgets import QComboBox, QFileDialog, QWidget
+from PySide6.QtWidgets import QComboBox, QFileDialog, QMenu, QMessageBox, QWidget
 
 from inference.model import LoadedModel, ModelError, load_checkpoint
 from inference.tasks import TASKS
+from inference.wsinfer import is_wsinfer_folder
 from resources import SHIPPED_MODELS, shipped_model_path
 from viewer.session import SlideSession
 
@@ -44,11 +46,12 @@ class ModelLibrary:
         out += [(f"{TASKS[self._loaded[p].meta.task].title} \u2014 {Path(p).name}", p) for p in self._extra]
         return out
 
-    def get(self, path: str) -> LoadedModel:
-        """The model in ``path``, loaded once (raises ModelError with one sentence)."""
+    def get(self, path: str, trust_torchscript: bool = False) -> LoadedModel:
+        """The model in ``path``, loaded once (raises ModelError with one sentence); a WSInfer
+        folder only with ``trust_torchscript``."""
         key = str(Path(path).resolve())
         if key not in self._loaded:
-            self._remember(load_checkpoint(key))
+            self._remember(load_checkpoint(key, trust_torchscript=trust_torchscript))
         return self._loaded[key]
 
     def add(self, model: LoadedModel) -> None:
@@ -61,7 +64,10 @@ class ModelPicker(QComboBox):
     """A combo box of the library's models that sets and follows the session's model."""
 
     error = Signal(str)  # one sentence, when a chosen file is not a model
-    BROWSE = "browse"
+    BROWSE, BROWSE_WSINFER = "browse", "browse-wsinfer"
+    TRUST_TEXT = ("A WSInfer model is TorchScript: code that runs on this computer with your permissions, "
+                  "unlike this viewer's own model files, which hold only weights. Load it only if you trust "
+                  "where it came from.\n\nLoad {name}?")
 
     def __init__(self, library: ModelLibrary, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -72,6 +78,8 @@ class ModelPicker(QComboBox):
         self.setToolTip("The model whose heatmap is shown: each model finds one thing (its task) at its own "
                         "resolution; each slide keeps one heatmap per model.")
         self.activated.connect(self._on_activated)
+        #: Asks before TorchScript runs (title, text) -> yes; the window's tests answer for the user.
+        self.confirm: Callable[[str, str], bool] = self._ask
         library.session.model_changed.connect(self.refresh)
         self.refresh()
 
@@ -82,6 +90,7 @@ class ModelPicker(QComboBox):
         for label, path in self.library.choices():
             self.addItem(label, path)
         self.addItem("Open a model file\u2026", self.BROWSE)
+        self.addItem("Open a WSInfer model folder\u2026", self.BROWSE_WSINFER)
         current = self.library.session.model
         index = self.findData(str(Path(current.path).resolve())) if current is not None and current.path else -1
         self.setCurrentIndex(max(index, 0) if current is not None else -1)
@@ -92,15 +101,37 @@ class ModelPicker(QComboBox):
         path = self.itemData(index)
         if path == self.BROWSE:
             path, _ = QFileDialog.getOpenFileName(self, "Open model", "", "Models (*.pt)")
-            if not path:
-                self.refresh()
-                return
+        elif path == self.BROWSE_WSINFER:
+            path = QFileDialog.getExistingDirectory(self, "Open a WSInfer model folder (config.json and "
+                                                    "torchscript_model.pt)")
+        if not path:
+            self.refresh()
+            return
         self.choose(path)
 
+    def fill_menu(self, menu: QMenu) -> None:
+        """The same choices as a menu (the window's Model menu): one checkable entry per model."""
+        menu.clear()
+        for i in range(self.count()):
+            act = menu.addAction(self.itemText(i))
+            act.setCheckable(i < self.count() - 2)  # the last two open a file or a folder
+            act.setChecked(i == self.currentIndex())
+            act.triggered.connect(lambda _=False, index=i: self.activated.emit(index))
+
+    def _ask(self, title: str, text: str) -> bool:
+        answer = QMessageBox.warning(self, title, text, QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                     QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
     def choose(self, path: str) -> bool:
-        """Make the model in ``path`` the session's model; False (and a sentence) if it is not one."""
+        """Make the model in ``path`` the session's model; False (and a sentence) if it is not one.
+        A WSInfer folder asks first: its TorchScript is code."""
+        trust = is_wsinfer_folder(path)
+        if trust and not self.confirm("Load TorchScript?", self.TRUST_TEXT.format(name=Path(path).name)):
+            self.refresh()
+            return False
         try:
-            model = self.library.get(path)
+            model = self.library.get(path, trust_torchscript=trust)
         except (ModelError, OSError) as exc:
             self.error.emit(str(exc) if isinstance(exc, ModelError) else f"Cannot read {path}: {exc.strerror or exc}.")
             self.refresh()

@@ -47,7 +47,7 @@ def test_picker_switches_models_and_switching_back_is_instant(qtbot, window: Mai
     assert window.pos_label.text().startswith(f"P(Metastasis) {meta_map.prob[r, c]:.2f}")
 
     # Back to IDC through the Model menu: the same heatmap object, no job.
-    window._fill_model_menu()
+    window.inference.picker.fill_menu(window.model_menu)
     actions = window.model_menu.actions()
     assert [a.isChecked() for a in actions[:2]] == [False, True]
     actions[0].trigger()
@@ -62,3 +62,21 @@ def test_a_file_that_is_not_a_model_gets_one_sentence(qtbot, window: MainWindow,
         assert not window.inference.picker.choose(str(bad))
     assert sig.args[0].endswith(".") and window.session.model.meta.task == "idc"
     assert window.inference.picker.currentIndex() == 0
+
+
+def test_a_wsinfer_folder_asks_first_because_torchscript_is_code(qtbot, window: MainWindow, tmp_path: Path) -> None:
+    from viewer.cli import main
+
+    folder = tmp_path / "ws"
+    assert main(["export-model", "--model", "metastasis", str(folder)]) == 0
+    picker = window.inference.picker
+    asked = []
+    picker.confirm = lambda title, text: asked.append(text) or False
+    assert not picker.choose(str(folder))
+    assert "code that runs on this computer" in asked[0] and window.session.model.meta.task == "idc"
+    picker.confirm = lambda title, text: True
+    assert picker.choose(str(folder))
+    model = window.session.model
+    assert model.meta.task == "external" and model.meta.positive_class == "Metastasis"
+    assert window.inference.run_button.text() == "Run Metastasis heatmap"
+    assert "A model from a WSInfer folder" in picker.currentText()
