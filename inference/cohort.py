@@ -102,6 +102,7 @@ class SlideOutcome:
     threshold: float | None = None  # the model's threshold on this slide (it may adapt to the slide)
     slide_score: float | None = None  # calibrated slide score (inference.calls)
     slide_call: str = ""  # "IDC found", "no IDC found" or "uncertain" (the model's class name)
+    positive_class: str = ""  # what the idc_* columns count: the model's class ("IDC", "Metastasis")
     domain_score: float | None = None  # colour distance from the training domain (inference.domain)
     out_of_domain: bool | None = None  # the slide lies outside what the model was trained on
     model_id: str = ""
@@ -136,6 +137,7 @@ def figures(heatmap: Heatmap, mpp: float, meta: ModelMeta) -> dict[str, Any]:
         "threshold": round(heatmap.threshold, 4),
         "slide_score": None if score is None else round(score, 4),
         "slide_call": "" if call is None else call_text(call, meta.positive_class),
+        "positive_class": meta.positive_class,
         "domain_score": None if domain_score is None else round(domain_score, 3),
         "out_of_domain": out_of_domain,
     }

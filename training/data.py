@@ -136,13 +136,20 @@ def folder_factor(mpp: float) -> int:
     return k
 
 
-def load_patch(path: Path, size: int = PATCH) -> np.ndarray | None:
-    """One patch as (size, size, 3) uint8; smaller edge patches are padded with white."""
+def read_rgb(path: Path) -> np.ndarray | None:
+    """An image file as RGB uint8, or None (with a warning) when it cannot be read."""
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
+            return np.asarray(img.convert("RGB"))
     except (OSError, ValueError):
-        log.warning("skipping unreadable patch %s", path)
+        log.warning("skipping unreadable image %s", path)
+        return None
+
+
+def load_patch(path: Path, size: int = PATCH) -> np.ndarray | None:
+    """One patch as (size, size, 3) uint8; smaller edge patches are padded with white."""
+    arr = read_rgb(path)
+    if arr is None:
         return None
     h, w = arr.shape[:2]
     if h == size and w == size:

@@ -22,10 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from inference.tasks import Task
-from training.data import DataError, PatchSet, _cache_path, _read_cache, _write_cache
+from training.data import DataError, PatchSet, _cache_path, _read_cache, _write_cache, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +116,8 @@ def find_labelled_images(root: str | os.PathLike[str]) -> list[tuple[Path, str, 
 
 
 def _read(path: Path, side: int) -> np.ndarray | None:
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError):
-        log.warning("skipping unreadable image %s", path)
+    arr = read_rgb(path)
+    if arr is None:
         return None
     if arr.shape[:2] != (side, side):
         log.warning("skipping %s: %d x %d px, not %d x %d", path, arr.shape[1], arr.shape[0], side, side)

@@ -26,7 +26,7 @@ def load_model(path: str | None, trust_torchscript: bool = False):  # noqa: ANN2
     except ValueError as exc:
         return None, str(exc)
     if not target.exists():
-        return None, f"No model file at {target}; the IDC heatmap is unavailable."
+        return None, f"No model file at {target}; no heatmap can be computed."
     try:
         return load_checkpoint(target, trust_torchscript=trust_torchscript), None
     except ModelError as exc:

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     t.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
-    pr = sub.add_parser("predict", help="compute IDC heatmaps of slides or folders of slides (a cohort)",
+    pr = sub.add_parser("predict", help="compute heatmaps (IDC, metastasis) of slides or folders of slides (a cohort)",
                         description="Per slide: <stem>.heatmap.npz/.png, .patches.csv and .idc.geojson (.metastasis.geojson for that model); beside "
                         "them cohort.csv and cohort.json. Slides whose results exist for this model and settings "
                         "are skipped; a slide that fails is recorded with its reason and the others go on.")
@@ -226,7 +226,7 @@ def build_gui_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshot", default=None, metavar="PNG",
                    help="open, wait until every visible tile is sharp, save the window and exit")
     p.add_argument("--size", default="1400x900", help="window size WxH (default 1400x900)")
-    p.add_argument("--heatmap", action="store_true", help="compute and show the IDC heatmap at start "
+    p.add_argument("--heatmap", action="store_true", help="compute and show the model's heatmap at start "
                    "(with --screenshot: wait until it is complete)")
     p.add_argument("--model", default=None, metavar="NAME|PATH", help=MODEL_HELP + "; or a WSInfer model folder")
     p.add_argument("--trust-torchscript", action="store_true",

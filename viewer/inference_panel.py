@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 class InferencePanel(QWidget):
-    """Run, cancel and style the IDC heatmap of the session's slide.
+    """Pick the model, and run, cancel and style its heatmap of the session's slide.
 
     Jobs are :func:`inference.session.infer` generators on the panel's :class:`JobRunner`; the
     heatmap a job fills is the one shown and the one the session publishes.

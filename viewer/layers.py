@@ -183,7 +183,7 @@ class BrightnessContrastEffect(QGraphicsEffect):
 
 
 class HeatmapLayer(QGraphicsItem):
-    """The IDC heatmap: one image pixel per cell, scaled onto level 0 without smoothing."""
+    """The heatmap: one image pixel per cell, scaled onto level 0 without smoothing."""
 
     def __init__(self, heatmap: Heatmap) -> None:
         super().__init__()

@@ -111,7 +111,8 @@ class TrainingTab(QWidget):
         self.count_button.clicked.connect(self.count)
         sv.addWidget(self.count_button)
         self.counts_table = QTableWidget(0, 4)
-        self.counts_table.setHorizontalHeaderLabels(["Source / split", "IDC", "Non-IDC", "Patients/slides"])
+        self._name_counts()
+        self.session.model_changed.connect(self._name_counts)
         self.counts_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.counts_table.verticalHeader().setVisible(False)
         self.counts_table.setMinimumHeight(150)
@@ -248,6 +249,12 @@ class TrainingTab(QWidget):
             self.start_model.setCurrentIndex(index)
         else:
             self.start_model.setCurrentIndex(0)
+
+    def _name_counts(self, *_: object) -> None:
+        """The counts' columns are the model's two classes (IDC / Non-IDC, Metastasis / Normal)."""
+        model = self.session.model
+        negative, positive = model.meta.classes if model is not None else ("Non-IDC", "IDC")
+        self.counts_table.setHorizontalHeaderLabels(["Source / split", positive, negative, "Patients/slides"])
 
     def _start_path(self) -> str:
         data = self.start_model.currentData()

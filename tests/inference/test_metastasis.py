@@ -83,6 +83,8 @@ def test_predict_by_name_writes_metastasis_regions(tmp_path: Path, metastasis: L
     assert regions[0]["properties"]["name"].startswith("Metastasis region")
     with open(tmp_path / "out" / "node.patches.csv") as fh:
         assert "prob_metastasis" in next(csv.reader(fh))
+    with open(tmp_path / "out" / "cohort.csv") as fh:
+        assert next(csv.DictReader(fh))["positive_class"] == "Metastasis"
 
 
 def test_both_models_keep_separate_caches_and_their_own_domain(tmp_path: Path, metastasis: LoadedModel, sample) -> None:

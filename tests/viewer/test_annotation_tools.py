@@ -261,7 +261,7 @@ def test_ruler_visibility_fill_adjustment_and_shortcuts(qtbot, window: MainWindo
     window._on_shortcuts_triggered()
     table = window.shortcuts_dialog.table
     rows = {table.item(r, 1).text(): table.item(r, 0).text() for r in range(table.rowCount())}
-    assert rows["IDC heatmap"] == "H" and rows["Ruler"] == "L" and rows["Show annotations"] == "A"
+    assert rows["Heatmap"] == "H" and rows["Ruler"] == "L" and rows["Show annotations"] == "A"
 
 
 def qimage_mean(window: MainWindow) -> float:
