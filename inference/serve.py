@@ -17,7 +17,6 @@ import queue
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +31,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inference.atomic import write_bytes
 from inference.cohort import SlideTask, find_slides, run_slide
 from inference.model import LoadedModel, load_checkpoint, normalise, pick_device, to_float
 from inference.predict import BatchResult
@@ -47,7 +47,6 @@ MAX_UPLOAD = 4 * 1024 * 1024
 #: Files of a finished job, by the name the API gives them -> the suffix `predict` writes.
 JOB_FILES = {"heatmap.png": ".heatmap.png", "patches.csv": ".patches.csv", "regions.geojson": None,
              "summary.json": None}
-STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 class ApiError(Exception):
@@ -70,9 +69,7 @@ class Job:
     status: str = "queued"
     progress: float = 0.0
     reason: str = ""
-    created: float = field(default_factory=time.time)
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-    summary: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "slide": self.slide, "model": self.model, "status": self.status,
@@ -235,11 +232,10 @@ class Service:
                 job.status, job.reason = "cancelled", "cancelled while running"
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            job.summary = asdict(outcome)
             if outcome.status == "failed":
                 job.status, job.reason = "failed", outcome.reason
                 continue
-            (folder / "summary.json").write_text(json.dumps({**job.summary, "job": job.id, "model": job.model}))
+            write_bytes(folder / "summary.json", json.dumps({**asdict(outcome), "job": job.id, "model": job.model}).encode())
             job.status, job.progress = "done", 1.0
 
 

@@ -36,18 +36,6 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
 
 
-def is_labelled_folder(root: Path) -> bool:
-    """Whether ``root`` is in one of the two layouts (without reading the images)."""
-    if not root.is_dir():
-        return False
-    subdirs = {p.name for p in root.iterdir() if p.is_dir()}
-    if subdirs & set(LABELS):
-        return True
-    if any(p.suffix.lower() == ".csv" for p in root.iterdir()):
-        return True
-    return any((root / d / label).is_dir() for d in subdirs for label in LABELS)
-
-
 def _label_csv(root: Path) -> Path | None:
     found = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".csv")
     if len(found) > 1:
