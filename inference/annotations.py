@@ -203,8 +203,9 @@ class AnnotationStore:
 
 def regions_from_heatmap(heatmap: Heatmap, threshold: float | None = None, min_area_um2: float = 0.0,
                          mpp: float | None = None) -> list[Annotation]:
-    """Editable polygons of the model's positive class ("IDC region N", "Metastasis region N"): the cells it calls (``threshold`` None: :attr:`Heatmap.called`,
-    as the cohort figures count them), or the cells at or above ``threshold``, merged on the grid.
+    """Editable polygons of the model's positive class ("IDC region N", "Metastasis region N"):
+    the cells it calls (``threshold`` None: :attr:`Heatmap.called`, as the cohort figures count
+    them), or the cells at or above ``threshold``, merged on the grid.
 
     Edges follow the cell grid with one vertex per corner (collinear points removed); holes are
     kept; regions smaller than ``min_area_um2`` are dropped (needs ``mpp``).

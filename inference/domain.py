@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inference.tasks import task_of
+
 if TYPE_CHECKING:  # only its type: the annotation layer, which reads heatmaps, must not load torch
     from inference.model import ModelMeta
 
@@ -90,8 +92,6 @@ def slide_score(stats: np.ndarray, domain: dict[str, Any]) -> float | None:
 
 def warnings(slide_mpp: float | None, meta: ModelMeta, score: float | None) -> list[str]:
     """One sentence per reason the slide may lie outside the model's training domain."""
-    from inference.tasks import task_of  # no torch: tasks is plain data
-
     tissue = task_of(meta.task).tissue
     out = []
     if slide_mpp is not None and slide_mpp > meta.mpp * MAX_MPP_RATIO:

@@ -138,14 +138,20 @@ class Heatmap:
             return self._prob
 
     @property
-    def prob(self) -> np.ndarray:
-        """(rows, cols) float32 probability of the map shown, NaN where not computed."""
-        if not self.context:
+    def context_map(self) -> np.ndarray:
+        """(rows, cols) float32 context-aware map (the raw map for a model without context),
+        whichever map is shown."""
+        if not self.has_context:
             return self.raw_prob
         with self._lock:
             if self._context_prob is None:
                 self._context_prob = context_prob(self.raw_prob, self.info.context_sigma)
             return self._context_prob
+
+    @property
+    def prob(self) -> np.ndarray:
+        """(rows, cols) float32 probability of the map shown, NaN where not computed."""
+        return self.context_map if self.context else self.raw_prob
 
     @property
     def threshold(self) -> float:
@@ -174,8 +180,7 @@ class Heatmap:
             return None
         with self._lock:
             if self._slide_score is None:
-                prob = context_prob(self.raw_prob, self.info.context_sigma) if self.has_context else self.raw_prob
-                self._slide_score = (policy.score(prob),)
+                self._slide_score = (policy.score(self.context_map),)
             return self._slide_score[0]
 
     def slide_call(self, out_of_domain: bool = False) -> str | None:
@@ -187,7 +192,7 @@ class Heatmap:
     def call_threshold(self) -> float:
         """The probability at or above which a cell is called on this slide: :attr:`threshold`,
         or infinity (nothing is called) when the slide score says no IDC."""
-        if self.info.slide_call is not None and self.slide_call() == NOT_FOUND:
+        if self.slide_call() == NOT_FOUND:
             return float("inf")
         return self.threshold
 

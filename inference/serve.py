@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.atomic import write_bytes
 from inference.cohort import SlideTask, find_slides, run_slide
-from inference.model import LoadedModel, load_checkpoint, normalise, pick_device, to_float
+from inference.model import LoadedModel, load_checkpoint, pick_device
 from inference.predict import BatchResult
 from inference.session import Planned
 from inference.slide import SlideError, open_slide
@@ -136,8 +136,7 @@ class Service:
         import torch
 
         with self.locks[name], torch.inference_mode():
-            x = normalise(to_float(arr[None], self.device), meta)
-            p = float(torch.sigmoid(model.net.eval()(x).float()).cpu()[0])
+            p = float(torch.sigmoid(model.net(model.normalise(arr[None], self.device)).float()).cpu()[0])
         return {"probability": round(p, 6), "label": meta.classes[int(p >= meta.threshold)], "model": name,
                 "threshold": meta.threshold, "padded": padded}
 

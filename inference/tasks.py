@@ -22,10 +22,6 @@ class Task:
     margin: int
     tissue: str  # the tissue the model was made for, for out-of-domain messages
 
-    @property
-    def positive(self) -> str:
-        return self.classes[1]
-
 
 IDC = Task("idc", "Invasive ductal carcinoma (breast)", ("Non-IDC", "IDC"), 4.0, 50, 0, "breast H&E")
 #: PatchCamelyon: 96 px patches at 10x (0.972 um/px) labelled by their centre 32 px.

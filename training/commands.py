@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from inference.model import Architecture, ensemble, load_checkpoint, save_checkpoint
 from inference.tasks import IDC, task_of
+from resources import model_path
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
 from training.session import CompareReport, DataReport, FolderSource, SessionConfig
 from training.session import run as run_session
@@ -31,7 +32,8 @@ def run_train(args: Any) -> int:
         raise ValueError("A fine-tuned model keeps its start model's resolution; leave out --model-mpp with --init.")
     if args.test_data and not args.val_data:
         raise ValueError("--test-data goes with --val-data, the data set's own split.")
-    task = task_of(load_checkpoint(args.init).meta.task if args.init else args.task)
+    init = str(model_path(args.init)) if args.init else None  # a shipped model's name or a file
+    task = task_of(load_checkpoint(init).meta.task if init else args.task)
     if args.model_mpp is not None and task is not IDC and args.model_mpp != task.mpp:
         raise ValueError(f"The {task.name} task's images are read as they are, at {task.mpp:g} um/px; leave out --model-mpp.")
     margin = args.margin if args.margin is not None else (TrainConfig.margin if task is IDC else task.margin)
@@ -45,7 +47,7 @@ def run_train(args: Any) -> int:
         patience=args.patience,
         seed=args.seed,
         device=args.device,
-        init=args.init,
+        init=init,
         imagenet=args.imagenet,
         margin=margin,
         mpp=(TrainConfig.mpp if task is IDC else task.mpp) if args.model_mpp is None else args.model_mpp,

@@ -117,7 +117,7 @@ def test_gui_and_cli_give_the_same_model(qtbot, window: MainWindow, tiny_folder:
         tab.start()
     gui = load_checkpoint(tab.result_path)
     out = tmp_path / "cli.pt"
-    rc = main(["train", str(tiny_folder), "--out", str(out), "--init", str(shipped_model_path()), "--freeze-trunk",
+    rc = main(["train", str(tiny_folder), "--out", str(out), "--init", "idc", "--freeze-trunk",
                "--epochs", "1", "--samples-per-epoch", "128", "--batch-size", "64", "--lr", "0.001",
                "--val-fraction", "0.25", "--test-fraction", "0", "--seed", "7", "--device", "cpu"])
     assert rc == 0
