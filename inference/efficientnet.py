@@ -82,3 +82,87 @@ class EfficientNetLite(nn.Module):
         if self.dropout:
             f = F.dropout(f, self.dropout, self.training)
         return self.head(f).squeeze(1)
+
+
+#: The scan network's block trunk: Lite0's stem and its first SCAN_STAGES stages (to stride 16).
+SCAN_STAGES = 5
+SCAN_WIDTH = 128
+
+
+class ScanLite0(nn.Module):
+    """A patch network that can also scan a whole region at the cost of one pass per cell
+    (after Lin et al. 2018, "ScanNet"), for a task whose margin is a whole number of cells.
+
+    The input (cell + 2 margin px a side, e.g. 96 = 3 x 32) is cut into cell-sized blocks on the
+    cell grid; each block goes alone through Lite0's stem and first stages (``trunk``, ImageNet
+    weights apply), to a ``block / 16`` square map; a convolution (``context``) spans the map of
+    all the patch's blocks, then batch norm, ReLU6 and the one-logit ``head``. Because every
+    block is seen alone and the blocks lie on the cell grid, :meth:`scan` over a region of many
+    cells computes each block once and gives every cell exactly the logit :meth:`forward` gives
+    its patch: the per-patch prediction, at about a ninth of its cost for a 32 px margin.
+    """
+
+    def __init__(self, block: int, side: int = 3, dropout: float = 0.2) -> None:
+        super().__init__()
+        if block % 16 or side % 2 == 0:
+            raise ValueError(f"A scan network needs blocks of a multiple of 16 px and an odd number a side, "
+                             f"not {block} px and {side}.")
+        self.block, self.side = block, side
+        layers: list[nn.Module] = [nn.Conv2d(3, STEM, 3, 2, 1, bias=False), _bn(STEM), nn.ReLU6()]
+        c = STEM
+        for kernel, stride, expand, c_out, repeats in STAGES["lite0"][:SCAN_STAGES]:
+            for i in range(repeats):
+                layers.append(MBConv(c, c_out, kernel, stride if i == 0 else 1, expand))
+                c = c_out
+        self.trunk = nn.Sequential(*layers)
+        s = block // 16  # each block's map
+        self.context = nn.Conv2d(c, SCAN_WIDTH, side * s, stride=s, bias=False)
+        self.bn = _bn(SCAN_WIDTH)
+        self.dropout = dropout
+        self.head = nn.Linear(SCAN_WIDTH, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def _blocks(self, x: torch.Tensor, need: torch.Tensor | None) -> torch.Tensor:
+        """The block maps of a region (B, 3, R b, C b) laid out as one map (B, c, R s, C s); blocks
+        outside ``need`` (R, C, B = 1 only) are left at zero, unseen by the trunk."""
+        b, (n, _, h, w) = self.block, x.shape
+        rows, cols = h // b, w // b
+        if h % b or w % b or rows < self.side or cols < self.side:
+            raise ValueError(f"A region for the scan network is a whole number of {b} px blocks, at least {self.side} a side.")
+        blocks = x.reshape(n, 3, rows, b, cols, b).permute(0, 2, 4, 1, 3, 5).reshape(n * rows * cols, 3, b, b)
+        if need is None:
+            maps = self.trunk(blocks)
+        else:
+            flat = need.reshape(-1)
+            seen = self.trunk(blocks[flat])
+            maps = seen.new_zeros((flat.numel(), *seen.shape[1:]))
+            maps[flat] = seen
+        c, s = maps.shape[1], maps.shape[2]
+        return maps.reshape(n, rows, cols, c, s, s).permute(0, 3, 1, 4, 2, 5).reshape(n, c, rows * s, cols * s)
+
+    def _logits(self, maps: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn(self.context(maps)))  # (B, width, cells down, cells across)
+        if self.dropout:
+            y = F.dropout(y, self.dropout, self.training)
+        return torch.einsum("bchw,c->bhw", y, self.head.weight[0]) + self.head.bias[0]
+
+    def scan(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, R - side + 1, C - side + 1) of every cell of a region (B, 3, R b, C b) whose
+        outer ring of blocks is the margin. With ``cells`` (a bool mask of those cells, B = 1),
+        only the blocks those cells see go through the trunk; the other cells' logits are
+        meaningless."""
+        need = None
+        if cells is not None:
+            pad = self.side // 2
+            need = F.max_pool2d(F.pad(cells[None, None].float(), (pad,) * 4), self.side, 1, pad)[0, 0] > 0
+        return self._logits(self._blocks(x, need))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One logit per patch (B, 3, side b, side b)."""
+        if x.shape[-1] != self.side * self.block or x.shape[-2] != self.side * self.block:
+            raise ValueError(f"The scan network scores {self.side * self.block} px patches, not {tuple(x.shape[-2:])}.")
+        return self.scan(x)[:, 0, 0]

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from inference.atomic import write_bytes
 from inference.calls import SlideCallPolicy
 from inference.context import ThresholdAdapt
-from inference.efficientnet import EfficientNetLite
+from inference.efficientnet import EfficientNetLite, ScanLite0
 from inference.errors import UserError
 from inference.tasks import TASKS
 
@@ -36,7 +36,9 @@ class ModelError(UserError):
 
 
 #: Network families a checkpoint may declare for one network (an ensemble's family is ENSEMBLE).
-FAMILIES = ("wrn", "efficientnet-lite0", "efficientnet-lite2")
+FAMILIES = ("wrn", "efficientnet-lite0", "efficientnet-lite2", "scan-lite0")
+#: The network that scans a region cell by cell (inference.efficientnet.ScanLite0).
+SCAN_FAMILY = "scan-lite0"
 ENSEMBLE = "ensemble"
 #: A network given as TorchScript (a WSInfer model folder, inference.wsinfer): never built here.
 TORCHSCRIPT_FAMILY = "torchscript"
@@ -57,12 +59,19 @@ class Architecture:
     #: EfficientNet only: 2 as trained on ImageNet; 1 keeps the first layer at the patch's
     #: full resolution (as if the 50x50 patch were enlarged twice), for about 4x the compute.
     stem_stride: int = 2
+    #: scan-lite0 only: the side of a block (the model's cell, px) and the patch's blocks a side
+    #: (1 + 2 margin / cell).
+    block: int = 0
+    side: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in (*FAMILIES, ENSEMBLE, TORCHSCRIPT_FAMILY):
             raise ModelError(f"Unknown network {self.family!r}; use {' or '.join(FAMILIES)}.")
         if self.stem_stride not in (1, 2):
             raise ModelError(f"The stem stride must be 1 or 2, not {self.stem_stride}.")
+        if self.family == SCAN_FAMILY and (self.block <= 0 or self.block % 16 or self.side < 1 or self.side % 2 == 0):
+            raise ModelError(f"A scan network needs a cell of a multiple of 16 px and a margin of whole cells, "
+                             f"not {self.block} px and {self.side} blocks a side.")
         if self.family != "wrn":
             return
         if (self.depth - 4) % 6 or self.depth < 10:
@@ -81,6 +90,8 @@ class Architecture:
             return "Ensemble"
         if self.family == TORCHSCRIPT_FAMILY:
             return "TorchScript"
+        if self.family == SCAN_FAMILY:
+            return "ScanNet-Lite0"
         if self.variant:
             return f"EfficientNet-{self.variant.capitalize()}" + ("-S1" if self.stem_stride == 1 else "")
         return f"WRN-{self.depth}-{self.widen}"
@@ -384,10 +395,12 @@ def _scale(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> 
     return (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
 
 
-def build(arch: Architecture) -> WideResNet | EfficientNetLite:
+def build(arch: Architecture) -> WideResNet | EfficientNetLite | ScanLite0:
     """A freshly initialised single network of that architecture."""
     if arch.family == ENSEMBLE:
         raise ModelError("An ensemble is made from trained networks (idc-viewer ensemble), not trained from scratch.")
+    if arch.family == SCAN_FAMILY:
+        return ScanLite0(arch.block, arch.side, arch.dropout)
     if arch.variant:
         return EfficientNetLite(arch.in_channels, arch.dropout, arch.stem_stride, arch.variant)
     return WideResNet(arch)

@@ -1,8 +1,10 @@
 """Whole-slide prediction as a generator of batch results.
 
 Large blocks of patches are read once from the best pyramid level at the model's resolution and
-cut into patches, each with the model's margin of slide around it (ModelMeta.margin); reader
-threads prefetch blocks while the model runs; batches are yielded as they finish. Closing the
+cut into patches, each with the model's margin of slide around it (ModelMeta.margin), or, for a
+scan network (inference.efficientnet.ScanLite0), scored as one region whose cells each get
+exactly their patch's prediction; reader threads prefetch blocks while the model runs; batches
+are yielded as they finish. Closing the
 generator stops within one batch and shuts the readers down.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from inference.domain import patch_stats
+from inference.efficientnet import ScanLite0
 from inference.heatmap import Heatmap, HeatmapInfo
 from inference.model import LoadedModel, normalise, to_float
 from inference.patches import PatchGrid, centre
@@ -91,24 +94,34 @@ def _blocks(todo: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
     return out
 
 
+def _read_region(slide: Slide, grid: PatchGrid, r0: int, c0: int, rows: np.ndarray, cols: np.ndarray,
+                 margin: int = 0) -> np.ndarray:
+    """Read the slide under one block's cells, from cell (r0, c0) to the last of (rows, cols),
+    at the model's resolution with ``margin`` px around: (h, w, 3) uint8. Outside the slide is
+    its background, as on the rebuilt training slides."""
+    p, s, m = grid.patch_px, grid.stride_px, margin
+    w_px = (int(cols.max()) - c0) * s + p + 2 * m
+    h_px = (int(rows.max()) - r0) * s + p + 2 * m
+    x0, y0, _, _ = grid.patch_box(r0, c0)
+    x0, y0 = x0 - m * grid.scale, y0 - m * grid.scale
+    return slide.read_box((x0, y0, x0 + w_px * grid.scale, y0 + h_px * grid.scale), (w_px, h_px))
+
+
+def _cut(region: np.ndarray, stride: int, rows: np.ndarray, cols: np.ndarray, side: int, offset: int = 0) -> np.ndarray:
+    """The (side x side) squares of a region at cells (rows, cols) counted from its first cell,
+    ``offset`` px in: (n, side, side, 3) uint8."""
+    out = np.empty((len(rows), side, side, 3), np.uint8)
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        out[i] = region[offset + r * stride : offset + r * stride + side, offset + c * stride : offset + c * stride + side]
+    return out
+
+
 def _read_block(slide: Slide, grid: PatchGrid, r0: int, c0: int, rows: np.ndarray, cols: np.ndarray,
                 margin: int = 0) -> np.ndarray:
     """Read one block at the model's resolution and cut its patches, each with ``margin`` px of
-    the slide around it: (n, p + 2 margin, p + 2 margin, 3) uint8. Outside the slide is its
-    background, as on the rebuilt training slides."""
-    p, s, m = grid.patch_px, grid.stride_px, margin
-    r1, c1 = int(rows.max()), int(cols.max())
-    w_px = (c1 - c0) * s + p + 2 * m
-    h_px = (r1 - r0) * s + p + 2 * m
-    x0, y0, _, _ = grid.patch_box(r0, c0)
-    x0, y0 = x0 - m * grid.scale, y0 - m * grid.scale
-    box = (x0, y0, x0 + w_px * grid.scale, y0 + h_px * grid.scale)
-    region = slide.read_box(box, (w_px, h_px))
-    side = p + 2 * m
-    out = np.empty((len(rows), side, side, 3), np.uint8)
-    for i, (r, c) in enumerate(zip(rows - r0, cols - c0, strict=True)):
-        out[i] = region[r * s : r * s + side, c * s : c * s + side]
-    return out
+    the slide around it: (n, p + 2 margin, p + 2 margin, 3) uint8."""
+    region = _read_region(slide, grid, r0, c0, rows, cols, margin)
+    return _cut(region, grid.stride_px, rows - r0, cols - c0, grid.patch_px + 2 * margin)
 
 
 def read_patches(slide: Slide, grid: PatchGrid, rows: np.ndarray, cols: np.ndarray, margin: int = 0) -> np.ndarray:
@@ -143,13 +156,17 @@ def predict_slide(
     todo = heatmap.tissue & ~heatmap.patch_done
     blocks = _blocks(todo)
     total = int(heatmap.tissue.sum())
-    done = start_done = int((heatmap.tissue & heatmap.patch_done).sum())
+    done = int((heatmap.tissue & heatmap.patch_done).sum())
     net = model.net.to(device).eval()
+    # A scan network scores a whole block's region at once, each block of cells seen once
+    # (inference.efficientnet.ScanLite0); on an overlapping grid its blocks would not be cells.
+    scanning = isinstance(net, ScanLite0) and grid.stride_px == grid.patch_px
+    read = _read_region if scanning else _read_block
     cuda = device.type == "cuda"
     if cuda:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pool = ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="predict-read")
-    pending: deque[tuple[Future[np.ndarray], np.ndarray, np.ndarray]] = deque()
+    pending: deque[tuple[Future[np.ndarray], int, int, np.ndarray, np.ndarray]] = deque()
     t0 = time.perf_counter()
     next_block = 0
 
@@ -157,8 +174,17 @@ def predict_slide(
         nonlocal next_block
         while next_block < len(blocks) and len(pending) < settings.prefetch:
             r0, c0, rr, cc = blocks[next_block]
-            pending.append((pool.submit(_read_block, slide, grid, r0, c0, rr, cc, margin), rr, cc))
+            pending.append((pool.submit(read, slide, grid, r0, c0, rr, cc, margin), r0, c0, rr, cc))
             next_block += 1
+
+    def scan(region: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = normalise(to_float(region[None], device), model.meta)
+            cells = torch.zeros((int(rr.max()) + 1, int(cc.max()) + 1), dtype=torch.bool, device=device)
+            cells[rr, cc] = True
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = net.scan(x, cells)[0, rr, cc]
+            return torch.sigmoid(logits.float()).cpu().numpy()
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -169,16 +195,16 @@ def predict_slide(
                 logits = net(x)
             return torch.sigmoid(logits.float()).cpu().numpy()
 
-    buf_img: list[np.ndarray] = []
-    buf_r: list[np.ndarray] = []
-    buf_c: list[np.ndarray] = []
-    buffered = 0
-    try:
-        fill()
+    def patch_batches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Batches of patches cut from the blocks: (rows, cols, probabilities, cell colours)."""
+        buf_img: list[np.ndarray] = []
+        buf_r: list[np.ndarray] = []
+        buf_c: list[np.ndarray] = []
+        buffered = first = 0
         while pending or buffered:
-            want = min(settings.first_batch if done == start_done else batch_size, batch_size)
+            want = min(settings.first_batch if first == 0 else batch_size, batch_size)
             while pending and buffered < want:
-                fut, rr, cc = pending.popleft()
+                fut, _r0, _c0, rr, cc = pending.popleft()
                 buf_img.append(fut.result())
                 buf_r.append(rr)
                 buf_c.append(cc)
@@ -188,18 +214,31 @@ def predict_slide(
             rows = np.concatenate(buf_r)
             cols = np.concatenate(buf_c)
             n = min(want, len(rows))
-            probs = run(images[:n])
-            stats = patch_stats(centre(images[:n], margin))  # the cell's own colours
-            block = heatmap.add(rows[:n], cols[:n], probs, writer, stats)
-            if block is None:
-                return  # another run took this heatmap over
-            done += n
+            first += n
+            yield rows[:n], cols[:n], run(images[:n]), patch_stats(centre(images[:n], margin))
             buf_img, buf_r, buf_c = [images[n:]], [rows[n:]], [cols[n:]]
             buffered = len(rows) - n
             if buffered == 0:
                 buf_img, buf_r, buf_c = [], [], []
-            yield BatchResult(rows[:n], cols[:n], probs, block, done, total, time.perf_counter() - t0)
+
+    def scanned_blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Each block's region scanned at once: (rows, cols, probabilities, cell colours)."""
+        while pending:
+            fut, r0, c0, rr, cc = pending.popleft()
+            region = fut.result()
+            fill()
+            cells = _cut(region, grid.stride_px, rr - r0, cc - c0, grid.patch_px, margin)  # the cells' own colours
+            yield rr, cc, scan(region, rr - r0, cc - c0), patch_stats(cells)
+
+    try:
+        fill()
+        for rows, cols, probs, stats in scanned_blocks() if scanning else patch_batches():
+            block = heatmap.add(rows, cols, probs, writer, stats)
+            if block is None:
+                return  # another run took this heatmap over
+            done += len(rows)
+            yield BatchResult(rows, cols, probs, block, done, total, time.perf_counter() - t0)
     finally:
-        for fut, _rr, _cc in pending:
+        for fut, *_ in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)

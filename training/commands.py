@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from inference.model import Architecture, ensemble, load_checkpoint, save_checkpoint
+from inference.model import SCAN_FAMILY, Architecture, ensemble, load_checkpoint, save_checkpoint
 from inference.tasks import IDC, task_of
 from resources import model_path
 from training.loop import DoneReport, EpochReport, StepReport, TrainConfig
@@ -37,9 +37,14 @@ def run_train(args: Any) -> int:
     if args.model_mpp is not None and task is not IDC and args.model_mpp != task.mpp:
         raise ValueError(f"The {task.name} task's images are read as they are, at {task.mpp:g} um/px; leave out --model-mpp.")
     margin = args.margin if args.margin is not None else (TrainConfig.margin if task is IDC else task.margin)
+    scan = args.arch == SCAN_FAMILY  # blocks of the task's cell, the margin in whole cells
+    if scan and (task.patch_size % 16 or margin % task.patch_size):
+        raise ValueError(f"A scan network needs a cell of a multiple of 16 px and a margin of whole cells; the "
+                         f"{task.name} task's cell is {task.patch_size} px and the margin {margin} px.")
     config = TrainConfig(
         out=args.out,
-        arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch, stem_stride=args.stem_stride),
+        arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch, stem_stride=args.stem_stride,
+                          block=task.patch_size if scan else 0, side=1 + 2 * margin // task.patch_size if scan else 0),
         epochs=args.epochs,
         samples_per_epoch=args.samples_per_epoch,
         batch_size=args.batch_size,

