@@ -134,6 +134,7 @@ class ScanLite0(nn.Module):
         if h % b or w % b or rows < self.side or cols < self.side:
             raise ValueError(f"A region for the scan network is a whole number of {b} px blocks, at least {self.side} a side.")
         blocks = x.reshape(n, 3, rows, b, cols, b).permute(0, 2, 4, 1, 3, 5).reshape(n * rows * cols, 3, b, b)
+        blocks = blocks.contiguous(memory_format=torch.channels_last)  # the trunk's fastest layout
         if need is None:
             maps = self.trunk(blocks)
         else:

@@ -7,6 +7,7 @@ and is loaded with ``torch.load(weights_only=True)``, which refuses any pickled 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -452,6 +453,23 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
         ) from exc
     net.eval().to(device)
     return LoadedModel(net=net, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
+
+
+def inference_copy(net: nn.Module, device: torch.device) -> nn.Module:
+    """The network as it scores fastest on ``device``: a copy with each batch norm that follows
+    a convolution folded into it and channels-last memory (what oneDNN and cuDNN run fastest: 1.4x
+    to 2.3x on 2 CPU cores, benchmarks.model_rate). The same function up to float rounding; the
+    loaded network itself is left as it is (the training tab fine-tunes it). A network of another
+    kind (a WSInfer TorchScript) is only moved."""
+    if not any(isinstance(m, (EfficientNetLite, ScanLite0)) for m in net.modules()):
+        return net.to(device)
+    from torch.fx.experimental.optimization import fuse
+
+    out = copy.deepcopy(net).eval()
+    for m in out.modules():
+        if isinstance(m, (EfficientNetLite, ScanLite0)):
+            m.trunk = fuse(m.trunk)
+    return out.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def pick_device(name: str = "auto") -> torch.device:

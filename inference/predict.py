@@ -24,7 +24,7 @@ import torch
 from inference.domain import patch_stats
 from inference.efficientnet import ScanLite0
 from inference.heatmap import Heatmap, HeatmapInfo
-from inference.model import LoadedModel, normalise, to_float
+from inference.model import LoadedModel, inference_copy, normalise, to_float
 from inference.patches import PatchGrid, centre
 from inference.slide import Slide
 from inference.tissue import MIN_TISSUE, patch_tissue
@@ -157,14 +157,12 @@ def predict_slide(
     blocks = _blocks(todo)
     total = int(heatmap.tissue.sum())
     done = int((heatmap.tissue & heatmap.patch_done).sum())
-    net = model.net.to(device).eval()
+    net = inference_copy(model.net.eval(), device)
     # A scan network scores a whole block's region at once, each block of cells seen once
     # (inference.efficientnet.ScanLite0); on an overlapping grid its blocks would not be cells.
     scanning = isinstance(net, ScanLite0) and grid.stride_px == grid.patch_px
     read = _read_region if scanning else _read_block
     cuda = device.type == "cuda"
-    if cuda:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     pool = ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="predict-read")
     pending: deque[tuple[Future[np.ndarray], int, int, np.ndarray, np.ndarray]] = deque()
     t0 = time.perf_counter()
@@ -188,9 +186,7 @@ def predict_slide(
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            x = normalise(to_float(images, device), model.meta)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = normalise(to_float(images, device), model.meta).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 logits = net(x)
             return torch.sigmoid(logits.float()).cpu().numpy()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from inference import predict as predict_module
 from inference.domain import warnings as domain_warnings
 from inference.model import (
     SCAN_FAMILY,
@@ -18,6 +19,7 @@ from inference.model import (
     LoadedModel,
     ModelMeta,
     build,
+    inference_copy,
     load_checkpoint,
     save_checkpoint,
 )
@@ -154,7 +156,8 @@ def test_unknown_model_name_is_one_sentence(tmp_path: Path, capsys: pytest.Captu
     assert "No model called 'lymphoma'" in err and "idc, metastasis" in err
 
 
-def test_a_scan_network_scores_every_cell_as_its_own_patch_each_block_seen_once(tmp_path: Path, sample) -> None:
+def test_a_scan_network_scores_every_cell_as_its_own_patch_each_block_seen_once(
+        tmp_path: Path, sample, monkeypatch: pytest.MonkeyPatch) -> None:
     """The scan path (a region at once) against the same network on each cell's 96 px patch, on
     a slide whose tissue ends mid-block and whose width is no multiple of the grid."""
     torch.manual_seed(0)
@@ -175,7 +178,13 @@ def test_a_scan_network_scores_every_cell_as_its_own_patch_each_block_seen_once(
     tissue[:200, :300] = 255  # a blank corner: blocks with some tissue cells only
     path = write_pyramid_from_array(tmp_path / "node.tif", tissue, 0.972, downsamples=(1, 4), compression="zlib")
     seen = []
-    model.net.trunk.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+
+    def counted(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        fast = inference_copy(net, device)  # what predict runs: the trunk's batch norms folded
+        fast.trunk.register_forward_hook(lambda _m, args, _out: seen.append(len(args[0])))
+        return fast
+
+    monkeypatch.setattr(predict_module, "inference_copy", counted)
     with open_slide(path) as slide:
         hm = plan(slide, model, PredictSettings())
         assert hm.grid.patch_shape == (18, 20) and 0 < hm.tissue.mean() < 1
