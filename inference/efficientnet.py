@@ -47,6 +47,26 @@ class MBConv(nn.Module):
         return y + x if self.residual else y
 
 
+def _stages(in_channels: int, stem_stride: int,
+            stages: tuple[tuple[int, int, int, int, int], ...]) -> tuple[list[nn.Module], int]:
+    """The stem and these stages' blocks, with the channels they end with."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, STEM, 3, stem_stride, 1, bias=False), _bn(STEM), nn.ReLU6()]
+    c = STEM
+    for kernel, stride, expand, c_out, repeats in stages:
+        for i in range(repeats):
+            layers.append(MBConv(c, c_out, kernel, stride if i == 0 else 1, expand))
+            c = c_out
+    return layers, c
+
+
+def _init(net: nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 class EfficientNetLite(nn.Module):
     """``variant`` is a key of STAGES; ``stem_stride`` 1 keeps the first layer at the input's
     resolution (ImageNet's is 2)."""
@@ -54,24 +74,12 @@ class EfficientNetLite(nn.Module):
     def __init__(self, in_channels: int = 3, dropout: float = 0.2, stem_stride: int = 2,
                  variant: str = "lite0") -> None:
         super().__init__()
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, STEM, 3, stem_stride, 1, bias=False), _bn(STEM), nn.ReLU6()
-        ]
-        c = STEM
-        for kernel, stride, expand, c_out, repeats in STAGES[variant]:
-            for i in range(repeats):
-                layers.append(MBConv(c, c_out, kernel, stride if i == 0 else 1, expand))
-                c = c_out
-        layers.append(nn.Conv2d(c, HEAD, 1, bias=False))
-        self.trunk = nn.Sequential(*layers)
+        layers, c = _stages(in_channels, stem_stride, STAGES[variant])
+        self.trunk = nn.Sequential(*layers, nn.Conv2d(c, HEAD, 1, bias=False))
         self.bn = _bn(HEAD)
         self.dropout = dropout
         self.head = nn.Linear(HEAD, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        _init(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self.bn(self.trunk(x)))
@@ -108,23 +116,14 @@ class ScanLite0(nn.Module):
             raise ValueError(f"A scan network needs blocks of a multiple of 16 px and an odd number a side, "
                              f"not {block} px and {side}.")
         self.block, self.side = block, side
-        layers: list[nn.Module] = [nn.Conv2d(3, STEM, 3, 2, 1, bias=False), _bn(STEM), nn.ReLU6()]
-        c = STEM
-        for kernel, stride, expand, c_out, repeats in STAGES["lite0"][:SCAN_STAGES]:
-            for i in range(repeats):
-                layers.append(MBConv(c, c_out, kernel, stride if i == 0 else 1, expand))
-                c = c_out
+        layers, c = _stages(3, 2, STAGES["lite0"][:SCAN_STAGES])
         self.trunk = nn.Sequential(*layers)
         s = block // 16  # each block's map
         self.context = nn.Conv2d(c, SCAN_WIDTH, side * s, stride=s, bias=False)
         self.bn = _bn(SCAN_WIDTH)
         self.dropout = dropout
         self.head = nn.Linear(SCAN_WIDTH, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        _init(self)
 
     def _blocks(self, x: torch.Tensor, need: torch.Tensor | None) -> torch.Tensor:
         """The block maps of a region (B, 3, R b, C b) laid out as one map (B, c, R s, C s); blocks
