@@ -4,8 +4,8 @@ Large blocks of patches are read once from the best pyramid level at the model's
 cut into patches, each with the model's margin of slide around it (ModelMeta.margin), or, for a
 scan network (inference.efficientnet.ScanLite0), scored as one region whose cells each get
 exactly their patch's prediction; reader threads prefetch blocks while the model runs; batches
-are yielded as they finish. Closing the
-generator stops within one batch and shuts the readers down.
+are yielded as they finish. Closing the generator stops within one batch and shuts the readers
+down.
 """
 
 from __future__ import annotations
@@ -196,9 +196,9 @@ def predict_slide(
         buf_img: list[np.ndarray] = []
         buf_r: list[np.ndarray] = []
         buf_c: list[np.ndarray] = []
-        buffered = first = 0
+        buffered = scored = 0
         while pending or buffered:
-            want = min(settings.first_batch if first == 0 else batch_size, batch_size)
+            want = min(settings.first_batch if scored == 0 else batch_size, batch_size)
             while pending and buffered < want:
                 fut, _r0, _c0, rr, cc = pending.popleft()
                 buf_img.append(fut.result())
@@ -210,7 +210,7 @@ def predict_slide(
             rows = np.concatenate(buf_r)
             cols = np.concatenate(buf_c)
             n = min(want, len(rows))
-            first += n
+            scored += n
             yield rows[:n], cols[:n], run(images[:n]), patch_stats(centre(images[:n], margin))
             buf_img, buf_r, buf_c = [images[n:]], [rows[n:]], [cols[n:]]
             buffered = len(rows) - n
