@@ -98,6 +98,16 @@ SCAN_WIDTH = 128
 SCAN_MIX = 160
 
 
+def scan_shape_error(block: int, side: int) -> str | None:
+    """Why a scan network cannot have blocks of ``block`` px, ``side`` a side (the cell and
+    1 + 2 margin / cell), as one sentence; None if it can."""
+    s = block // 16
+    if block <= 0 or block % 16 or side < 1 or side % 2 == 0 or side * s - 4 < s:
+        return (f"A scan network needs a cell of a multiple of 16 px and a margin of whole cells, at least one "
+                f"(two for a 16 px cell); this is a {block} px cell in a patch {side} cells a side.")
+    return None
+
+
 class ScanLite0(nn.Module):
     """A patch network that can also scan a whole region at the cost of one pass per cell
     (after Lin et al. 2018, "ScanNet"), for a task whose margin is a whole number of cells.
@@ -108,15 +118,15 @@ class ScanLite0(nn.Module):
     ``context``, which spans what is left) combine the maps of all the patch's blocks, then batch
     norm, ReLU6 and the one-logit ``head``. Because every block is seen alone, the blocks lie on
     the cell grid and nothing after them is padded, :meth:`scan` over a region of many
-    cells computes each block once and gives every cell exactly the logit :meth:`forward` gives
-    its patch: the per-patch prediction, at about a ninth of its cost for a 32 px margin.
+    cells computes each block once (not once for each of the nine patches that hold it) and
+    gives every cell exactly the logit :meth:`forward` gives its patch.
     """
 
     def __init__(self, block: int, side: int = 3, dropout: float = 0.2) -> None:
         super().__init__()
-        if block % 16 or side % 2 == 0 or side * (block // 16) - 4 < block // 16:
-            raise ValueError(f"A scan network needs blocks of a multiple of 16 px and an odd number a side, "
-                             f"not {block} px and {side}.")
+        problem = scan_shape_error(block, side)
+        if problem:
+            raise ValueError(problem)
         self.block, self.side = block, side
         layers, c = _stages(3, 2, STAGES["lite0"][:SCAN_STAGES])
         self.trunk = nn.Sequential(*layers)

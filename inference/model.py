@@ -26,7 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from inference.atomic import write_bytes
 from inference.calls import SlideCallPolicy
 from inference.context import ThresholdAdapt
-from inference.efficientnet import EfficientNetLite, ScanLite0
+from inference.efficientnet import EfficientNetLite, ScanLite0, scan_shape_error
 from inference.errors import UserError
 from inference.tasks import TASKS
 
@@ -71,9 +71,9 @@ class Architecture:
             raise ModelError(f"Unknown network {self.family!r}; use {' or '.join(FAMILIES)}.")
         if self.stem_stride not in (1, 2):
             raise ModelError(f"The stem stride must be 1 or 2, not {self.stem_stride}.")
-        if self.family == SCAN_FAMILY and (self.block <= 0 or self.block % 16 or self.side < 1 or self.side % 2 == 0):
-            raise ModelError(f"A scan network needs a cell of a multiple of 16 px and a margin of whole cells, "
-                             f"not {self.block} px and {self.side} blocks a side.")
+        problem = scan_shape_error(self.block, self.side) if self.family == SCAN_FAMILY else None
+        if problem:
+            raise ModelError(problem)
         if self.family != "wrn":
             return
         if (self.depth - 4) % 6 or self.depth < 10:

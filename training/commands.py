@@ -38,9 +38,9 @@ def run_train(args: Any) -> int:
         raise ValueError(f"The {task.name} task's images are read as they are, at {task.mpp:g} um/px; leave out --model-mpp.")
     margin = args.margin if args.margin is not None else (TrainConfig.margin if task is IDC else task.margin)
     scan = args.arch == SCAN_FAMILY  # blocks of the task's cell, the margin in whole cells
-    if scan and (task.patch_size % 16 or margin % task.patch_size):
-        raise ValueError(f"A scan network needs a cell of a multiple of 16 px and a margin of whole cells; the "
-                         f"{task.name} task's cell is {task.patch_size} px and the margin {margin} px.")
+    if scan and margin % task.patch_size:
+        raise ValueError(f"A scan network needs a margin of whole cells; {margin} px is not a multiple of the "
+                         f"{task.patch_size} px cell.")
     config = TrainConfig(
         out=args.out,
         arch=Architecture(args.depth, args.widen, args.dropout, family=args.arch, stem_stride=args.stem_stride,
