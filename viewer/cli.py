@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--stride", type=int, default=None, metavar="PX",
                     help="stride in model pixels (must divide the patch size; default: patch size)")
     pr.add_argument("--mpp", type=_positive_float, default=None, help="um per level-0 pixel, for slides without it")
-    pr.add_argument("--batch-size", type=int, default=None, help="patches per batch (default: 64 on CPU, 256 on GPU)")
+    pr.add_argument("--batch-size", type=int, default=None, help="patches per batch (default: 32 on CPU, 256 on GPU)")
     pr.add_argument("--no-cache", action="store_true", help="recompute even if a cached heatmap exists")
     pr.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
                     help="smallest IDC region written to <stem>.idc.geojson, in um2")
