@@ -193,6 +193,8 @@ def test_a_scan_network_scores_every_cell_as_its_own_patch_each_block_seen_once(
         rows, cols = np.nonzero(hm.tissue)
         patches = read_patches(slide, hm.grid, rows, cols, meta.margin)
     scanned_blocks = sum(seen)
+    # The loaded network kept its batch norms (the training tab fine-tunes it); predict folded a copy's.
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.modules()) > 20
     expected = predict_patches(model.net, meta, patches, torch.device("cpu"))
     np.testing.assert_allclose(hm.patch_prob[rows, cols], expected, atol=1e-5)
     assert np.ptp(expected) > 0.01
