@@ -44,8 +44,8 @@ def tiled_cmu(out: Path, reps: int = 3) -> Path:
 
 def timed(slide: Slide, model: LoadedModel, fast: bool = True) -> tuple[float, int]:
     """Seconds for the whole pipeline on this slide (the better of two runs) and the tissue cells
-    it scored; ``fast``
-    False: the network as loaded (no folded batch norms, no channels-last), the baseline."""
+    it scored; ``fast`` False: the network as loaded (no folded batch norms, no channels-last),
+    the baseline."""
     copy = predict_module.inference_copy
     if not fast:
         predict_module.inference_copy = lambda net, device: net.to(device)

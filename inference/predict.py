@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -175,21 +175,18 @@ def predict_slide(
             pending.append((pool.submit(read, slide, grid, r0, c0, rr, cc, margin), r0, c0, rr, cc))
             next_block += 1
 
-    def scan(region: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = normalise(to_float(region[None], device), model.meta)
-            cells = torch.zeros((int(rr.max()) + 1, int(cc.max()) + 1), dtype=torch.bool, device=device)
-            cells[rr, cc] = True
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = net.scan(x, cells)[0, rr, cc]
-            return torch.sigmoid(logits.float()).cpu().numpy()
-
-    def run(images: np.ndarray) -> np.ndarray:
+    def score(images: np.ndarray, forward: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """Probabilities of ``forward``'s logits on (n, h, w, 3) uint8 images."""
         with torch.inference_mode():
             x = normalise(to_float(images, device), model.meta).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = net(x)
+                logits = forward(x)
             return torch.sigmoid(logits.float()).cpu().numpy()
+
+    def scan(region: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
+        cells = torch.zeros((int(rr.max()) + 1, int(cc.max()) + 1), dtype=torch.bool, device=device)
+        cells[rr, cc] = True
+        return score(region[None], lambda x: net.scan(x, cells)[0, rr, cc])
 
     def patch_batches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Batches of patches cut from the blocks: (rows, cols, probabilities, cell colours)."""
@@ -211,7 +208,7 @@ def predict_slide(
             cols = np.concatenate(buf_c)
             n = min(want, len(rows))
             scored += n
-            yield rows[:n], cols[:n], run(images[:n]), patch_stats(centre(images[:n], margin))
+            yield rows[:n], cols[:n], score(images[:n], net), patch_stats(centre(images[:n], margin))
             buf_img, buf_r, buf_c = [images[n:]], [rows[n:]], [cols[n:]]
             buffered = len(rows) - n
             if buffered == 0:
